@@ -1,0 +1,636 @@
+"""Every number the paper's figures are made of: per-class statistics, their correlation with class
+frequency, neural-collapse metrics, and a command over saved run outputs.
+
+Wen et al., "Generalization Beyond Data Imbalance: A Controlled Study on CLIP for Transferable Insights"
+(NeurIPS 2024, arXiv 2405.21070):
+  - robustness to imbalance = Spearman's rho between a class's training frequency and its per-class
+    accuracy / prediction count on a balanced test set (Sec. 3.1, Fig. 1b; Pearson variants, Appx. A.1);
+  - accuracy per frequency bin (Fig. 15); correlation between two frequency tables (Appx. A.3);
+  - neural collapse NC1 / NC2 of features and classifiers (Eq. 1, Sec. 3.3);
+  - cosine affinity between class prototypes (Fig. 9a).
+
+Conventions:
+  - accuracies are fractions in [0, 1], not percent;
+  - inputs may be numpy arrays or torch tensors (CPU or GPU); outputs are Python floats / numpy arrays;
+  - a class without evaluation samples has no accuracy and no feature mean: it is nan in per-class
+    outputs and is left out of every correlation and of every NC metric (C below then counts only the
+    classes that have samples).
+
+Command line:
+  python metrics.py runs/<name> [--write]       summary recomputed from runs/<name>/eval.npz
+  python metrics.py --freq A.txt --freq B.txt [--method spearman|pearson] [--log]
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import scipy.stats
+import torch
+
+# Eigenvalues of Sigma_B below PINV_RTOL x its largest are treated as zero by the pseudo-inverse.
+# Sigma_B has rank <= C (<= C-1 for balanced classes); float64 rounding leaves ~1e-16 x lambda_max in
+# the directions it does not span, far below 1e-10, while a class-mean direction carrying signal
+# (singular-value ratio of the centred class means above 1e-5) stays far above it.
+PINV_RTOL = 1e-10
+
+# Rows of features processed at once: keeps the float64 temporaries at ~32 MB whatever N is.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------------------
+
+def _to_numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _class_ids(x, num_classes, name):
+    """1-D int64 numpy array of class indices in [0, num_classes)."""
+    ids = _to_numpy(x)
+    if ids.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{ids.min()}, {ids.max()}]")
+    return ids
+
+
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _preds_and_labels(preds, labels, num_classes):
+    num_classes = _check_num_classes(num_classes)
+    preds = _class_ids(preds, num_classes, "preds")
+    labels = _class_ids(labels, num_classes, "labels")
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds and labels differ in length: {preds.shape[0]} vs {labels.shape[0]}")
+    return preds, labels, num_classes
+
+
+def _float_matrix(x, name):
+    """2-D floating torch tensor, kept on its device (numpy input goes to the CPU)."""
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
+    if not (t.is_floating_point()):
+        raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Per-class statistics (bincounts, no loops)
+# --------------------------------------------------------------------------------------------------
+
+def per_class_accuracy(preds, labels, num_classes):
+    """Top-1 accuracy of each class [C] (fraction); nan for a class without evaluation samples."""
+    preds, labels, num_classes = _preds_and_labels(preds, labels, num_classes)
+    samples = np.bincount(labels, minlength=num_classes)
+    correct = np.bincount(labels[preds == labels], minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(samples > 0, correct / np.maximum(samples, 1), np.nan)
+
+
+def prediction_counts(preds, num_classes):
+    """How many evaluation samples are predicted as each class [C] (Fig. 1b's prediction count)."""
+    num_classes = _check_num_classes(num_classes)
+    return np.bincount(_class_ids(preds, num_classes, "preds"), minlength=num_classes)
+
+
+def confusion_matrix(preds, labels, num_classes):
+    """[C, C] counts; row = true class, column = predicted class."""
+    preds, labels, num_classes = _preds_and_labels(preds, labels, num_classes)
+    flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def head_tail_accuracy(preds, labels, tail_classes):
+    """Top-1 over the samples of the tail classes and over all other samples (Sec. 4.1, Fig. 8).
+
+    tail_classes: class indices (or a boolean mask over classes). nan where a group has no samples.
+    """
+    tail = _to_numpy(tail_classes)
+    tail = np.flatnonzero(tail) if tail.dtype == bool else tail.reshape(-1)
+    num_classes = int(max(_to_numpy(labels).max(initial=0), _to_numpy(preds).max(initial=0), tail.max(initial=0))) + 1
+    preds, labels, _ = _preds_and_labels(preds, labels, num_classes)
+    tail = _class_ids(tail, num_classes, "tail_classes")
+    in_tail = np.isin(labels, tail)
+    correct = preds == labels
+    return dict(
+        top1_tail=float(correct[in_tail].mean()) if in_tail.any() else math.nan,
+        top1_other=float(correct[~in_tail].mean()) if (~in_tail).any() else math.nan,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Correlation with class frequency (Sec. 3.1; Appx. A.1, A.3; Fig. 15)
+# --------------------------------------------------------------------------------------------------
+
+def correlation(freq, stat, method="spearman", log=False):
+    """Spearman's rho (default) or Pearson's r between class frequency and a per-class statistic.
+
+    Pairs where either value is nan/inf (e.g. the accuracy of a class without evaluation samples) are
+    left out. log=True correlates with log(1 + freq), which keeps zero-frequency (zero-shot) classes;
+    it changes only Pearson, rho is rank-based. Returns nan when fewer than two pairs remain or one
+    side is constant (scipy's answer too, without its warning).
+    """
+    if method not in ("spearman", "pearson"):
+        raise ValueError(f"method must be 'spearman' or 'pearson', got {method!r}")
+    freq = _to_numpy(freq).astype(np.float64).reshape(-1)
+    stat = _to_numpy(stat).astype(np.float64).reshape(-1)
+    if freq.shape != stat.shape:
+        raise ValueError(f"freq and stat differ in length: {freq.size} vs {stat.size}")
+    if log:
+        if np.any(freq < 0):
+            raise ValueError("log=True needs non-negative frequencies")
+        freq = np.log1p(freq)
+    keep = np.isfinite(freq) & np.isfinite(stat)
+    x, y = freq[keep], stat[keep]
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan
+    if method == "spearman":
+        return float(scipy.stats.spearmanr(x, y).statistic)
+    return float(scipy.stats.pearsonr(x, y).statistic)
+
+
+def binned_stats(freq, stat, bins=10):
+    """Mean and std of a per-class statistic in frequency bins (Fig. 15: accuracy per frequency bin).
+
+    bins: an int -> that many bins holding (nearly) equal numbers of classes, ordered by frequency
+    (equal-count bins never come out empty on a long-tailed profile); or a sequence of increasing edges
+    -> bins [e0, e1), [e1, e2), ..., [e_{k-1}, e_k] (last one closed). Classes whose statistic is nan are
+    left out. Returns one dict per bin: lo, hi (frequency range of the classes in the bin, or the edges),
+    count (classes), mean, std (population std, ddof=0).
+    """
+    freq = _to_numpy(freq).astype(np.float64).reshape(-1)
+    stat = _to_numpy(stat).astype(np.float64).reshape(-1)
+    if freq.shape != stat.shape:
+        raise ValueError(f"freq and stat differ in length: {freq.size} vs {stat.size}")
+    keep = np.isfinite(freq) & np.isfinite(stat)
+    freq, stat = freq[keep], stat[keep]
+
+    def summary(lo, hi, values):
+        return dict(lo=float(lo), hi=float(hi), count=int(values.size),
+                    mean=float(values.mean()) if values.size else math.nan,
+                    std=float(values.std()) if values.size else math.nan)
+
+    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        order = np.argsort(freq, kind="stable")
+        groups = [g for g in np.array_split(order, min(int(bins), max(freq.size, 1))) if g.size]
+        return [summary(freq[g].min(), freq[g].max(), stat[g]) for g in groups]
+    edges = np.asarray(bins, dtype=np.float64).reshape(-1)
+    if edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError("bins as edges must be at least two strictly increasing numbers")
+    which = np.searchsorted(edges, freq, side="right") - 1
+    which[freq == edges[-1]] = edges.size - 2  # last bin is closed on the right
+    return [summary(edges[b], edges[b + 1], stat[which == b]) for b in range(edges.size - 1)]
+
+
+def read_freq_table(path):
+    """A class-frequency table: lines 'classname<TAB>count' -> {classname: count} in file order.
+
+    A minimal reader for the --freq command (data.py owns the project's metadata loaders). Blank lines
+    are skipped; a malformed line or a repeated class name raises ValueError naming file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"frequency table not found: {path}")
+    table, first_line = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            name = fields[0].strip()
+            try:
+                if len(fields) != 2 or not name:
+                    raise ValueError
+                count = float(fields[1])
+                if not math.isfinite(count) or count < 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected 'classname<TAB>count' with a non-negative "
+                                 f"count, got {line!r}") from None
+            if name in table:
+                raise ValueError(f"{path}:{lineno}: class {name!r} already listed on line {first_line[name]}")
+            table[name], first_line[name] = count, lineno
+    if not table:
+        raise ValueError(f"{path}: no 'classname<TAB>count' lines")
+    return table
+
+
+def freq_table_correlation(table_a, table_b, method="spearman", log=False):
+    """Correlation between two frequency tables ({classname: count}) over the classes both list
+    (Appx. A.3). Returns dict(value, matched, only_a, only_b) with the unmatched class names."""
+    shared = [name for name in table_a if name in table_b]
+    return dict(
+        value=correlation([table_a[n] for n in shared], [table_b[n] for n in shared], method, log),
+        matched=len(shared),
+        only_a=[n for n in table_a if n not in table_b],
+        only_b=[n for n in table_b if n not in table_a],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Neural collapse (Eq. 1, Sec. 3.3)
+# --------------------------------------------------------------------------------------------------
+
+def _simplex_etf_gap(vectors, chunk_rows):
+    """NC2 of K vectors [K, D] (float64): distance of their cosine Gram matrix from a simplex ETF's.
+
+    G[c, c'] = cos(v_c, v_c') + 1/(K-1) for c != c' (zero for a simplex ETF, whose vectors meet at
+    cosine -1/(K-1)). Returns per-class mean over c' != c of |G[c, c']| and per-class |G[c, nn(c)]| with
+    nn(c) the most similar other vector. Rows go in chunks so memory stays O(chunk x K), never K x K.
+    """
+    k = vectors.shape[0]
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    mean_abs, nn_abs = [], []
+    for start in range(0, k, chunk_rows):
+        rows = torch.arange(start, min(start + chunk_rows, k), device=vectors.device)
+        cos = unit[rows] @ unit.T                                  # [rows, K]
+        not_self = torch.ones_like(cos, dtype=torch.bool)
+        not_self[torch.arange(rows.numel(), device=cos.device), rows] = False
+        abs_gap = (cos + 1.0 / (k - 1)).abs() * not_self
+        mean_abs.append(abs_gap.sum(dim=1) / (k - 1))
+        nearest = cos.masked_fill(~not_self, -math.inf).argmax(dim=1, keepdim=True)
+        nn_abs.append(abs_gap.gather(1, nearest).squeeze(1))
+    return torch.cat(mean_abs), torch.cat(nn_abs)
+
+
+def nc_metrics(features, labels, num_classes, classifier=None, *, pinv_rtol=PINV_RTOL):
+    """Neural-collapse metrics of features h [N, D] with labels [N] (paper Eq. 1) and of a classifier.
+
+    Over the C classes that have samples (others are nan per class and left out):
+      mu_G = mean of all samples; mu_c = class means;
+      Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T;
+      Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T;
+      nc1 = Tr(Sigma_W Sigma_B^+) / C, with ^+ the Moore-Penrose pseudo-inverse (cutoff pinv_rtol);
+      per-class nc1[c] = Tr(Sigma_W^c Sigma_B^+), Sigma_W^c the within-class covariance of class c
+        (no 1/C; zero for a class with one sample);
+      nc2_m from the centred means: G[c, c'] = cos(mu_c - mu_G, mu_c' - mu_G) + 1/(C-1);
+        nc2_m = mean over c != c' of |G|, per class mean over c' != c;
+        nc2_m_nn[c] = |G[c, nn(c)]|, nn(c) = argmax_{c' != c} cos; nc2_m_nn = mean over classes;
+      nc2_w, nc2_w_nn: the same on the classifier rows [num_classes, D'] as given (not centred);
+        nan when classifier is None.
+    features may be None (only the classifier metrics are computed, over the classes in labels).
+    All metrics are nan when fewer than two classes have samples.
+
+    Computed in float64 with torch on the device of the inputs. Memory O(C D + D^2 + chunk D): NC1 uses
+    Tr(Sigma_W^c Sigma_B^+) = (1/n_c) sum_{i in c} (h_i - mu_c)^T Sigma_B^+ (h_i - mu_c), a row-wise
+    quadratic form over chunks of samples summed per class with index_add, so no per-class D x D
+    covariance is ever formed.
+    """
+    num_classes = _check_num_classes(num_classes)
+    labels_np = _class_ids(labels, num_classes, "labels")
+    nan_per_class = np.full(num_classes, np.nan)
+    out = dict(nc1=math.nan, nc2_m=math.nan, nc2_m_nn=math.nan, nc2_w=math.nan, nc2_w_nn=math.nan,
+               per_class={key: nan_per_class.copy() for key in ("nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn")})
+    counts_np = np.bincount(labels_np, minlength=num_classes)
+    present_np = np.flatnonzero(counts_np)
+    num_present = present_np.size
+
+    if classifier is not None:
+        w = _float_matrix(classifier, "classifier")
+        if w.shape[0] != num_classes:
+            raise ValueError(f"classifier must have one row per class ({num_classes}), got {w.shape[0]}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("classifier contains nan or inf")
+        if num_present >= 2:
+            rows = torch.from_numpy(present_np).to(w.device)
+            per_mean, per_nn = _simplex_etf_gap(w[rows].double(), max(1, _CHUNK_ELEMENTS // num_present))
+            out["per_class"]["nc2_w"][present_np] = per_mean.cpu().numpy()
+            out["per_class"]["nc2_w_nn"][present_np] = per_nn.cpu().numpy()
+            out["nc2_w"], out["nc2_w_nn"] = per_mean.mean().item(), per_nn.mean().item()
+
+    if features is None:
+        return out
+    h = _float_matrix(features, "features")
+    n, dim = h.shape
+    if n != labels_np.size:
+        raise ValueError(f"features and labels differ in length: {n} vs {labels_np.size}")
+    if num_present < 2:
+        return out
+    device = h.device
+    y = torch.from_numpy(labels_np).to(device)
+    chunk = max(1, _CHUNK_ELEMENTS // dim)
+
+    # Class sums in float64, a chunk of samples at a time (never a float64 copy of all features).
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    for start in range(0, n, chunk):
+        block = h[start:start + chunk].double()
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError("features contain nan or inf")
+        sums.index_add_(0, y[start:start + chunk], block)
+    counts = torch.from_numpy(counts_np).to(device=device, dtype=torch.float64)
+    present = torch.from_numpy(present_np).to(device)
+    global_mean = sums.sum(dim=0) / n
+    class_means = sums / counts.clamp_min(1).unsqueeze(1)          # rows of absent classes stay 0, unused
+    centred_means = class_means[present] - global_mean             # [C_present, D]
+    between_cov = centred_means.T @ centred_means / num_present    # Sigma_B [D, D]
+    between_pinv = torch.linalg.pinv(between_cov, rtol=pinv_rtol, hermitian=True)
+
+    # sum over the samples of each class of (h_i - mu_c)^T Sigma_B^+ (h_i - mu_c)
+    quad_sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for start in range(0, n, chunk):
+        y_block = y[start:start + chunk]
+        diff = h[start:start + chunk].double() - class_means[y_block]
+        quad_sums.index_add_(0, y_block, ((diff @ between_pinv) * diff).sum(dim=1))
+    nc1_per_class = (quad_sums[present] / counts[present]).cpu().numpy()
+    out["per_class"]["nc1"][present_np] = nc1_per_class
+    out["nc1"] = quad_sums.sum().item() / n / num_present          # Tr(Sigma_W Sigma_B^+) / C
+
+    per_mean, per_nn = _simplex_etf_gap(centred_means, max(1, _CHUNK_ELEMENTS // num_present))
+    out["per_class"]["nc2_m"][present_np] = per_mean.cpu().numpy()
+    out["per_class"]["nc2_m_nn"][present_np] = per_nn.cpu().numpy()
+    out["nc2_m"], out["nc2_m_nn"] = per_mean.mean().item(), per_nn.mean().item()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Classifier affinity (Fig. 9a)
+# --------------------------------------------------------------------------------------------------
+
+def affinity_matrix(prototypes, class_list=None):
+    """Cosine similarity between class prototypes [C, D] -> [k, k] numpy array, for the classes in
+    class_list (indices, in that order) or for all classes."""
+    w = _float_matrix(prototypes, "prototypes").double()
+    if class_list is not None:
+        rows = _class_ids(np.asarray(_to_numpy(class_list)).reshape(-1), w.shape[0], "class_list")
+        w = w[torch.from_numpy(rows).to(w.device)]
+    unit = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return (unit @ unit.T).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary of one evaluation, and the run outputs the experiment scripts write
+# --------------------------------------------------------------------------------------------------
+
+PER_CLASS_COLUMNS = ["class_index", "class", "frequency", "accuracy", "pred_count",
+                     "nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn"]
+
+
+def summarize(preds, labels, train_counts, features=None, classifier=None, tail_classes=None):
+    """All metrics of one evaluation -> (final dict, per-class list of dicts).
+
+    train_counts [C] (training frequency of each class) fixes C. final holds top1, the Spearman
+    correlations corr_acc / corr_pred (per-class accuracy / prediction count vs train_counts, classes
+    without evaluation samples left out), their Pearson variants on raw and log(1 + count) frequencies
+    (corr_acc_pearson, corr_pred_pearson, corr_acc_pearson_log, corr_pred_pearson_log), nc1, nc2_m,
+    nc2_m_nn, nc2_w, nc2_w_nn (nan without features / classifier), num_classes, num_eval, and
+    top1_tail / top1_other when tail_classes is given.
+    """
+    train_counts = _to_numpy(train_counts).astype(np.float64).reshape(-1)
+    num_classes = train_counts.size
+    if num_classes < 1:
+        raise ValueError("train_counts is empty")
+    preds, labels, _ = _preds_and_labels(preds, labels, num_classes)
+    if labels.size == 0:
+        raise ValueError("no evaluation samples")
+
+    accuracy = per_class_accuracy(preds, labels, num_classes)
+    pred_count = prediction_counts(preds, num_classes)
+    evaluated = np.isfinite(accuracy)                              # classes with evaluation samples
+    pred_count_evaluated = np.where(evaluated, pred_count, np.nan)
+    nc = nc_metrics(features, labels, num_classes, classifier)
+
+    final = dict(
+        top1=float(np.mean(preds == labels)),
+        corr_acc=correlation(train_counts, accuracy),
+        corr_pred=correlation(train_counts, pred_count_evaluated),
+        corr_acc_pearson=correlation(train_counts, accuracy, "pearson"),
+        corr_pred_pearson=correlation(train_counts, pred_count_evaluated, "pearson"),
+        corr_acc_pearson_log=correlation(train_counts, accuracy, "pearson", log=True),
+        corr_pred_pearson_log=correlation(train_counts, pred_count_evaluated, "pearson", log=True),
+        **{key: nc[key] for key in ("nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn")},
+    )
+    if tail_classes is not None:
+        final.update(head_tail_accuracy(preds, labels, tail_classes))
+    final.update(num_classes=num_classes, num_eval=int(labels.size))
+
+    per_class = []
+    for c in range(num_classes):
+        row = dict(class_index=c, frequency=_plain_number(train_counts[c]), accuracy=float(accuracy[c]),
+                   pred_count=int(pred_count[c]))
+        row.update({key: float(nc["per_class"][key][c]) for key in ("nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn")})
+        per_class.append(row)
+    return final, per_class
+
+
+def _plain_number(x):
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
+def _json_safe(value):
+    """nan/inf -> None (JSON null), numpy scalars/arrays -> Python numbers/lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return _json_safe(_to_numpy(value).tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _atomic_write(path, write, binary=False):
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_per_class_csv(path, per_class, classnames):
+    def write_text(f):
+        writer = csv.writer(f)
+        writer.writerow(PER_CLASS_COLUMNS)
+        for row, name in zip(per_class, classnames):
+            writer.writerow([row["class_index"], name] + [row[key] for key in PER_CLASS_COLUMNS[2:]])
+    _atomic_write(path, write_text)
+
+
+def _write_final_json(path, final):
+    text = json.dumps(_json_safe(final), indent=2, allow_nan=False) + "\n"
+
+    def write_text(f):
+        f.write(text)
+    _atomic_write(path, write_text)
+
+
+def write_eval_outputs(out_dir, preds, labels, train_counts, classnames, features=None, classifier=None,
+                       tail_classes=None, extra=None):
+    """Write a run's evaluation outputs into out_dir and return summarize()'s final dict (+ extra):
+      eval.npz      preds, labels, train_counts, classnames, and when given features (float16; float32
+                    if float16 would overflow), classifier (float32), tail_classes;
+      final.json    final + extra (nan -> null), written atomically;
+      per_class.csv class_index, class, frequency, accuracy, pred_count, nc1, nc2_m, nc2_m_nn, nc2_w,
+                    nc2_w_nn.
+    `python metrics.py out_dir` recomputes the summary from eval.npz (NC values may then differ in the
+    last digits because the features were stored as float16).
+    """
+    classnames = [str(name) for name in classnames]
+    num_classes = _to_numpy(train_counts).reshape(-1).size
+    if len(classnames) != num_classes:
+        raise ValueError(f"classnames has {len(classnames)} names but train_counts has {num_classes} classes")
+    extra = dict(extra or {})
+    final, per_class = summarize(preds, labels, train_counts, features, classifier, tail_classes)
+    clash = sorted(set(extra) & set(final))
+    if clash:
+        raise ValueError(f"extra must not override computed metrics: {clash}")
+    final.update(extra)
+    os.makedirs(out_dir, exist_ok=True)
+
+    arrays = dict(preds=_to_numpy(preds).astype(np.int64), labels=_to_numpy(labels).astype(np.int64),
+                  train_counts=_to_numpy(train_counts).reshape(-1), classnames=np.array(classnames, dtype=str))
+    if features is not None:
+        feats = _to_numpy(features)
+        half = feats.astype(np.float16)
+        arrays["features"] = half if np.isfinite(half).all() else feats.astype(np.float32)
+    if classifier is not None:
+        arrays["classifier"] = _to_numpy(classifier).astype(np.float32)
+    if tail_classes is not None:
+        tail = _to_numpy(tail_classes)
+        arrays["tail_classes"] = np.flatnonzero(tail) if tail.dtype == bool else tail.astype(np.int64).reshape(-1)
+
+    _atomic_write(os.path.join(out_dir, "eval.npz"), lambda f: np.savez(f, **arrays), binary=True)
+    _write_final_json(os.path.join(out_dir, "final.json"), final)
+    _write_per_class_csv(os.path.join(out_dir, "per_class.csv"), per_class, classnames)
+    return final
+
+
+def load_eval(run_dir):
+    """Read run_dir/eval.npz -> dict of the arrays write_eval_outputs stored (missing ones None)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    path = os.path.join(run_dir, "eval.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no eval.npz in {run_dir} (write_eval_outputs writes it at the end of a run)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {key: npz[key] for key in npz.files}
+    except Exception as e:  # zip / format errors come in many types
+        raise ValueError(f"cannot read {path}: {e}") from None
+    missing = [key for key in ("preds", "labels", "train_counts", "classnames") if key not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    for key in ("features", "classifier", "tail_classes"):
+        data.setdefault(key, None)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Command line
+# --------------------------------------------------------------------------------------------------
+
+def _fmt(x, digits=4):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _print_run_summary(run_dir, final, per_class, bins):
+    print(f"run: {run_dir}  ({final['num_classes']} classes, {final['num_eval']} evaluation samples)")
+    print(f"  top-1 accuracy                       {_fmt(final['top1'])}")
+    if "top1_tail" in final:
+        print(f"  top-1 tail / other classes           {_fmt(final['top1_tail'])} / {_fmt(final['top1_other'])}")
+    print("  correlation with training frequency  per-class accuracy | prediction count")
+    print(f"    Spearman rho                       {_fmt(final['corr_acc']):>18} | {_fmt(final['corr_pred'])}")
+    print(f"    Pearson r                          {_fmt(final['corr_acc_pearson']):>18} | {_fmt(final['corr_pred_pearson'])}")
+    print(f"    Pearson r, log(1 + frequency)      {_fmt(final['corr_acc_pearson_log']):>18} | {_fmt(final['corr_pred_pearson_log'])}")
+    print("  neural collapse (lower = more collapsed)")
+    print(f"    NC1  {_fmt(final['nc1'])}   NC2_M {_fmt(final['nc2_m'])}   NC2_M^nn {_fmt(final['nc2_m_nn'])}"
+          f"   NC2_W {_fmt(final['nc2_w'])}   NC2_W^nn {_fmt(final['nc2_w_nn'])}")
+    freq = [row["frequency"] for row in per_class]
+    acc = [row["accuracy"] for row in per_class]
+    print("  per-class accuracy by training frequency (equal-count bins)")
+    print("    frequency range        classes   mean acc   std")
+    for b in binned_stats(freq, acc, bins):
+        print(f"    {_fmt(b['lo'], 0):>8} - {_fmt(b['hi'], 0):<10}   {b['count']:>7}   {_fmt(b['mean']):>8}   {_fmt(b['std'])}")
+
+
+def _recompute_run(run_dir, write, bins):
+    data = load_eval(run_dir)
+    final, per_class = summarize(data["preds"], data["labels"], data["train_counts"], data["features"],
+                                 data["classifier"], data["tail_classes"])
+    _print_run_summary(run_dir, final, per_class, bins)
+    if write:
+        # Keep what the training script added to final.json (extra=...), replace the metrics.
+        old_path = os.path.join(run_dir, "final.json")
+        old = {}
+        if os.path.isfile(old_path):
+            try:
+                with open(old_path) as f:
+                    old = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {old_path}: {e}") from None
+        _write_final_json(old_path, {**old, **final})
+        _write_per_class_csv(os.path.join(run_dir, "per_class.csv"), per_class, [str(n) for n in data["classnames"]])
+        print(f"wrote {old_path} and {os.path.join(run_dir, 'per_class.csv')}")
+
+
+def _correlate_tables(paths, method, log):
+    tables = [read_freq_table(p) for p in paths]
+    name = "Spearman rho" if method == "spearman" else "Pearson r"
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            r = freq_table_correlation(tables[i], tables[j], method, log)
+            unmatched = len(r["only_a"]) + len(r["only_b"])
+            print(f"{name}{' (log(1 + count))' if log and method == 'pearson' else ''} = {_fmt(r['value'])}"
+                  f"  over {r['matched']} shared classes ({unmatched} unmatched): {paths[i]} vs {paths[j]}")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2 (argparse's default adds the usage text)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None):
+    parser = _ArgumentParser(prog="metrics.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", nargs="?", help="a run folder holding eval.npz")
+    parser.add_argument("--write", action="store_true", help="rewrite final.json and per_class.csv of run_dir")
+    parser.add_argument("--bins", type=int, default=5, help="frequency bins in the run summary (default 5)")
+    parser.add_argument("--freq", action="append", metavar="TABLE",
+                        help="a 'classname<TAB>count' table; give two or more to correlate them")
+    parser.add_argument("--method", choices=["spearman", "pearson"], default="spearman")
+    parser.add_argument("--log", action="store_true", help="Pearson on log(1 + count)")
+    args = parser.parse_args(argv)
+    if (args.run_dir is None) == (args.freq is None):
+        parser.error("give either a run folder or --freq tables (two or more)")
+    if args.freq is not None and len(args.freq) < 2:
+        parser.error("--freq needs at least two tables to correlate")
+    if args.bins < 1:
+        parser.error("--bins must be at least 1")
+    try:
+        if args.freq is not None:
+            _correlate_tables(args.freq, args.method, args.log)
+        else:
+            _recompute_run(args.run_dir, args.write, args.bins)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"metrics.py: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
