@@ -1,0 +1,895 @@
+"""Everything the experiment scripts read: the synthetic long-tailed image-caption world (the embedded
+default), real-data loaders with the same interface, caption formation (Sec. 3.2, Appx. C.2), class
+frequencies (Appx. B.2) and dataset variants (Sec. 3.4-3.6, 4.1).
+
+Scripts use two names:
+    add_data_args(parser)                       # the shared --data ... flags
+    data = load_data(args, train_transform, test_transform)   -> LongTailData
+and read data.classnames, data.train (items: image, label, caption), data.test (items: image, label),
+data.train_counts, ...  Labels index data.classnames; open-world samples (Sec. 3.6) carry label -1.
+
+Also: frequency_profile(name, imagenet_ids), load_head(name_or_path, imagenet_ids),
+estimate_class_frequency(captions, classnames, synonyms) and `python data.py count-freq FILE`.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+METADATA_DIR = os.path.join(REPO_DIR, "metadata")
+FREQ_DIR = os.path.join(METADATA_DIR, "freqs")
+HEAD_DIR = os.path.join(METADATA_DIR, "heads")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip.constants.OPENAI_DATASET_STD
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "clip-beyond-tail")
+
+
+# ============================================================================================
+# ImageNet metadata: names, WordNet synonyms, ImageNet-100, frequency profiles, frozen heads
+# ============================================================================================
+
+_cache = {}
+
+
+def imagenet_classnames():
+    """The 1,000 ImageNet class names (CLIP's curated names), in class-index order."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def caption_templates():
+    """The 80 CLIP prompt templates (callables name -> sentence)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return list(OPENAI_IMAGENET_TEMPLATES)
+
+
+def _synsets():
+    if "synsets" not in _cache:
+        with open(os.path.join(METADATA_DIR, "imagenet_synsets.json")) as f:
+            _cache["synsets"] = json.load(f)  # {wnid: [lemma, ...]} in class-index order
+    return _cache["synsets"]
+
+
+def imagenet_wnids():
+    return list(_synsets().keys())
+
+
+def imagenet_synonyms():
+    """Per ImageNet class: [CLIP class name] + its WordNet lemmas (deduplicated, case-insensitive)."""
+    if "synonyms" not in _cache:
+        out = []
+        for name, lemmas in zip(imagenet_classnames(), _synsets().values()):
+            seen, syn = set(), []
+            for s in [name] + list(lemmas):
+                s = s.replace("_", " ").strip()
+                if s and s.lower() not in seen:
+                    seen.add(s.lower())
+                    syn.append(s)
+            out.append(syn)
+        _cache["synonyms"] = out
+    return [list(s) for s in _cache["synonyms"]]
+
+
+def imagenet100_ids():
+    """ImageNet-1k indices of the ImageNet-100 classes (Tian et al., CMC), as used for IN-Caps-100."""
+    with open(os.path.join(METADATA_DIR, "imagenet100_idxs.txt")) as f:
+        return [int(line) for line in f if line.strip()]
+
+
+def select_classes(spec, seed=0):
+    """ImageNet-1k ids of a class subset: 'in100', 'in1k' or 'rand<K>' (K random classes, seeded)."""
+    if spec == "in100":
+        return imagenet100_ids()
+    if spec == "in1k":
+        return list(range(1000))
+    m = re.fullmatch(r"rand(\d+)", spec)
+    if m and 1 <= int(m.group(1)) <= 1000:
+        rng = np.random.default_rng([seed, 7])
+        return sorted(rng.choice(1000, int(m.group(1)), replace=False).tolist())
+    raise ValueError(f"unknown class set {spec!r}: use in100, in1k or rand<K> with 1 <= K <= 1000")
+
+
+def _profile_files():
+    """Short profile name -> frequency table file in metadata/freqs.
+
+    class_frequency_laionet_thresh0.7_frac0.5_ori.txt -> 'laionet-0.7-frac0.5';
+    class_frequency_incaps_title_only_imagenet_ori.txt -> 'incaps-title-only'; etc.
+    """
+    files = {}
+    for fn in sorted(os.listdir(FREQ_DIR)):
+        m = re.fullmatch(r"class_frequency_(.+?)(_imagenet)?_ori\.txt", fn)
+        if m:
+            files[m.group(1).replace("_thresh", "-").replace("_", "-")] = fn
+    files["laionet-match-incaps"] = files.get("laionet-match-incap")  # the '=freq' variant of Sec. 3.4
+    return files
+
+
+def profile_names():
+    return sorted(_profile_files()) + ["uniform"]
+
+
+def read_frequency_table(path):
+    """A 'classname<TAB>count' table -> (names, counts float64)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"frequency table not found: {path}")
+    names, counts = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").rsplit("\t", 1)
+            try:
+                counts.append(float(parts[1]))
+            except (IndexError, ValueError):
+                raise ValueError(f"{path}:{lineno}: expected 'classname<TAB>count', got {line.strip()!r}")
+            names.append(parts[0])
+    return names, np.asarray(counts, dtype=np.float64)
+
+
+def write_frequency_table(path, classnames, counts):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for name, c in zip(classnames, counts):
+            f.write(f"{name}\t{int(c)}\n")
+    os.replace(tmp, path)
+
+
+def frequency_profile(name, imagenet_ids):
+    """Per-class frequency of the given ImageNet classes under a named profile (see profile_names()),
+    'uniform', or a table file (1,000 lines in ImageNet order, or one line per given class).
+    For 'incaps' on a subset of ImageNet-100 the dedicated IN-Caps-100 table is used."""
+    ids = list(imagenet_ids)
+    if name == "uniform":
+        return np.ones(len(ids))
+    files = _profile_files()
+    if name == "incaps" and ids and set(ids) <= set(imagenet100_ids()):
+        pos = {c: i for i, c in enumerate(imagenet100_ids())}
+        _, counts = read_frequency_table(os.path.join(FREQ_DIR, files["incaps-imagenet100"]))
+        return counts[[pos[c] for c in ids]]
+    if name in files and files[name]:
+        path = os.path.join(FREQ_DIR, files[name])
+    elif os.path.sep in name or name.endswith(".txt"):
+        path = name
+    else:
+        raise ValueError(f"unknown frequency profile {name!r}; choose one of: {', '.join(profile_names())} "
+                         f"or give a table file")
+    _, counts = read_frequency_table(path)
+    if len(counts) == len(ids):
+        return counts
+    if len(counts) == 1000 and all(0 <= c < 1000 for c in ids):
+        return counts[ids]
+    raise ValueError(f"frequency table {path} has {len(counts)} rows; expected 1000 or {len(ids)}")
+
+
+HEADS = {
+    "clip-rn50": "in1k_clip_rn50_wit400m_a+cname.pt",
+    "openclip-vitb32-laion400m": "in1k_openclip_vitb32_laion400m_a+cname.pt",
+    "roberta": "in1k_roberta_a+cname.pt",
+}
+
+
+def load_head(name_or_path, imagenet_ids, classnames=None):
+    """Frozen class prototypes [C, D] float32 (not normalised) for the given classes.
+
+    name_or_path: a shipped head ('clip-rn50', 'openclip-vitb32-laion400m', 'roberta'; text embeddings of
+    "a {classname}", Sec. 4.1 / Appx. C.4) or a file holding a [C, D] or [1000, D] tensor, or a dict with
+    'prototypes' (and optional 'classnames', used to pick rows by name when `classnames` is given)."""
+    path = os.path.join(HEAD_DIR, HEADS[name_or_path]) if name_or_path in HEADS else name_or_path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"head not found: {path} (shipped heads: {', '.join(HEADS)})")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    names = None
+    if isinstance(obj, dict):
+        if "prototypes" not in obj:
+            raise ValueError(f"head file {path}: a dict needs a 'prototypes' key, has {sorted(obj)}")
+        names, obj = obj.get("classnames"), obj["prototypes"]
+    if not torch.is_tensor(obj) or obj.dim() != 2:
+        raise ValueError(f"head file {path}: expected a 2-d tensor [classes, dim], got "
+                         f"{getattr(obj, 'shape', type(obj).__name__)}")
+    w = obj.float()
+    ids = list(imagenet_ids)
+    if names is not None and classnames is not None and len(names) == w.shape[0]:
+        pos = {n: i for i, n in enumerate(names)}
+        missing = [n for n in classnames if n not in pos]
+        if missing:
+            raise ValueError(f"head file {path}: classes missing from its 'classnames': {missing[:5]}")
+        return w[[pos[n] for n in classnames]].contiguous()
+    if w.shape[0] == len(ids):
+        return w.contiguous()
+    if w.shape[0] == 1000 and ids and all(0 <= i < 1000 for i in ids):
+        return w[ids].contiguous()
+    raise ValueError(f"head file {path} has {w.shape[0]} classes; the data has {len(ids)} classes "
+                     f"(a 1000-row ImageNet head needs ImageNet class ids)")
+
+
+def _embeddings(head):
+    """Centred, l2-normalised text embeddings of the 1,000 ImageNet classes [1000, D] float64.
+    Centring removes the direction shared by all prompts "a {classname}" so that cosine similarity
+    shows the semantic structure (dog breeds ~0.5-0.8, dog vs volcano ~0 or below)."""
+    key = ("emb", head)
+    if key not in _cache:
+        e = load_head(head, list(range(1000))).double()
+        e = e - e.mean(0, keepdim=True)
+        _cache[key] = e / e.norm(dim=1, keepdim=True)
+    return _cache[key]
+
+
+# ============================================================================================
+# The synthetic world (DESIGN.md, "The embedded default")
+# ============================================================================================
+#
+# A sample of ImageNet class c is rendered from a semantic vector e_i = normalize(e_c + diversity * xi)
+# (e_c: the class's centred CLIP text embedding; xi: a random direction of norm ~1), so its mean
+# cosine to the class definition is 1/sqrt(1 + diversity^2): the analogue of LAIONet's text-definition
+# similarity threshold (lower threshold = more diverse images, Sec. 3.4). Fixed random linear maps
+# turn e_i (plus a smaller per-class random "detail" vector) into the coefficients of smooth random
+# basis patterns: object colour, texture, silhouette and background context. Similar embeddings
+# therefore give similar images. Per-sample nuisance: position, scale, rotation, flip, colour jitter,
+# background clutter made of other ImageNet classes' objects, pixel noise.
+
+WORLD_VERSION = 1
+N_TEXTURE, N_SHAPE = 48, 12  # basis patterns for texture (RGB) and silhouette
+RENDER_CHUNK = 2048
+PALETTE = {  # colour words for descriptions, matched to the rendered object's mean colour
+    "red": (0.8, 0.15, 0.15), "orange": (0.9, 0.5, 0.1), "yellow": (0.9, 0.85, 0.25),
+    "green": (0.25, 0.6, 0.25), "blue": (0.2, 0.35, 0.8), "purple": (0.5, 0.25, 0.6),
+    "pink": (0.95, 0.6, 0.7), "brown": (0.45, 0.3, 0.15), "black": (0.1, 0.1, 0.1),
+    "white": (0.92, 0.92, 0.92), "gray": (0.5, 0.5, 0.5),
+}
+POSITIONS = ["in the centre", "on the left", "on the right", "at the top", "at the bottom"]
+SIZES = ["small", "", "large"]
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Every parameter the rendered pixels depend on; its hash names the cache file."""
+    class_ids: tuple          # ImageNet ids of the evaluated classes
+    train_counts: tuple       # training samples per evaluated class
+    open_world_ids: tuple     # ImageNet ids of open-world concepts (label -1)
+    open_world_counts: tuple
+    num_test_per_class: int
+    image_size: int
+    diversity: float
+    detail: float
+    clutter: float
+    noise: float
+    head: str
+    seed: int
+    version: int = WORLD_VERSION
+
+    def key(self):
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _generator(*seed):
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1))
+    return g
+
+
+def _smooth_fields(gen, n, channels, cells, size):
+    """n random smooth fields [n, channels, size, size] of unit std: cells x cells Gaussian noise
+    upsampled bicubically (rendered at 32 or 64 px from the same noise, so sizes show one world)."""
+    x = torch.randn(n, channels, cells, cells, generator=gen, dtype=torch.float64)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return x / x.flatten(1).std(dim=1).clamp_min(1e-6).view(n, 1, 1, 1)
+
+
+class _Appearance:
+    """The fixed random maps from semantic vectors to appearance (depend on seed, head, size only)."""
+
+    def __init__(self, head, seed, size):
+        emb = _embeddings(head)
+        d = emb.shape[1]
+        g = _generator(seed, 101)
+        self.emb = emb
+        self.texture_basis = torch.cat([_smooth_fields(g, N_TEXTURE // 2, 3, 3, size),     # coarse
+                                        _smooth_fields(g, N_TEXTURE // 2, 3, 6, size)])    # finer
+        self.shape_basis = _smooth_fields(g, N_SHAPE, 1, 3, size)
+        # one linear map e -> [colour(3) | background context(3) | texture(N_TEXTURE) | shape(N_SHAPE)]
+        self.n_coef = 6 + N_TEXTURE + N_SHAPE
+        self.map = torch.randn(d, self.n_coef, generator=g, dtype=torch.float64)
+        self.class_detail = torch.randn(1000, self.n_coef, generator=g, dtype=torch.float64)
+        lin = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        self.r2 = xx ** 2 + yy ** 2
+
+    def coefficients(self, ids, diversity, detail, gen):
+        """Appearance coefficients [n, n_coef] of n samples of ImageNet classes `ids` (unit scale)."""
+        e = self.emb[ids]
+        xi = torch.randn(e.shape, generator=gen, dtype=torch.float64) / math.sqrt(e.shape[1])
+        e = e + diversity * xi
+        e = e / e.norm(dim=1, keepdim=True)
+        return e @ self.map + detail * self.class_detail[ids]
+
+    def objects(self, coef):
+        """RGBA object images [n, 4, S, S] (colour, texture, silhouette) from coefficients."""
+        n, s = coef.shape[0], self.r2.shape[0]
+        colour = coef[:, 0:3]
+        tex = (coef[:, 6:6 + N_TEXTURE] @ self.texture_basis.flatten(1)).view(n, 3, s, s)
+        rgb = torch.sigmoid(1.5 * colour[:, :, None, None] + 0.9 * tex / math.sqrt(N_TEXTURE))
+        shape = (coef[:, 6 + N_TEXTURE:] @ self.shape_basis.flatten(1)).view(n, 1, s, s)
+        alpha = torch.sigmoid(8.0 * (0.45 * shape / math.sqrt(N_SHAPE) + 1.0 - self.r2 / 0.6))
+        return torch.cat([rgb, alpha], 1)
+
+
+def _place(obj, scale, shift, angle, flip):
+    """Affine-warp RGBA objects into the frame: object centre at `shift` (x, y in [-1, 1]), size
+    `scale` of the frame, rotated by `angle`, mirrored where flip = -1. Outside the object alpha = 0."""
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    a = torch.stack([torch.stack([cos * flip, -sin * flip], 1), torch.stack([sin, cos], 1)], 1)
+    t = -(a @ shift.unsqueeze(2))
+    grid = F.affine_grid(torch.cat([a, t], 2), list(obj.shape), align_corners=False)
+    return F.grid_sample(obj, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _composite(base, layer):
+    a = layer[:, 3:4]
+    return base * (1 - a) + layer[:, :3] * a
+
+
+def _nearest_colour(rgb):
+    names = list(PALETTE)
+    pal = torch.tensor([PALETTE[n] for n in names], dtype=rgb.dtype)
+    return torch.cdist(rgb, pal).argmin(1)
+
+
+def _render(app, ids, spec, gen):
+    """Render samples of ImageNet classes `ids` (LongTensor [n]) -> uint8 images [n,3,S,S] and
+    caption attributes (colour, position, size, background colour, clutter ids)."""
+    n, s = len(ids), spec.image_size
+    u = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    # per-sample nuisance, drawn up front (small arrays)
+    scale = 0.6 + 0.4 * u(n)
+    shift = (u(n, 2) * 2 - 1) * 0.3
+    angle = (u(n) * 2 - 1) * 0.4
+    flip = torch.where(u(n) < 0.5, -1.0, 1.0).double()
+    n_clutter = (u(n, 2) < torch.tensor([spec.clutter, spec.clutter / 2])).sum(1)
+    clutter_ids = torch.randint(0, 1000, (n, 2), generator=gen)
+    clutter_ids[n_clutter < 1, 0] = -1
+    clutter_ids[n_clutter < 2, 1] = -1
+    clutter_scale = 0.25 + 0.2 * u(n, 2)
+    clutter_shift = (u(n, 2, 2) * 2 - 1) * 0.7
+    clutter_angle = (u(n, 2) * 2 - 1) * 3.14
+    contrast = 0.7 + 0.6 * u(n)
+    brightness = (u(n) * 2 - 1) * 0.15
+    gain = 0.85 + 0.3 * u(n, 3)
+    images = torch.empty(n, 3, s, s, dtype=torch.uint8)
+    colour_word = torch.empty(n, dtype=torch.long)
+    bg_word = torch.empty(n, dtype=torch.long)
+    for lo in range(0, n, RENDER_CHUNK):
+        sl = slice(lo, min(n, lo + RENDER_CHUNK))
+        m = sl.stop - sl.start
+        coef = app.coefficients(ids[sl], spec.diversity, spec.detail, gen)
+        # background: class context colour (fish -> water-like) + smooth per-sample variation
+        ctx = 0.8 * coef[:, 3:6] + 0.8 * torch.randn(m, 3, generator=gen, dtype=torch.float64)
+        img = torch.sigmoid(ctx[:, :, None, None] + 0.8 * _smooth_fields(gen, m, 3, 4, s))
+        bg_word[sl] = _nearest_colour(img.mean((2, 3)))
+        # clutter: small objects of random ImageNet classes behind the main object
+        for k in range(2):
+            cid = clutter_ids[sl, k]
+            on = (cid >= 0).nonzero().squeeze(1)
+            if len(on):
+                cobj = app.objects(app.coefficients(cid[on], spec.diversity, spec.detail, gen))
+                cobj = _place(cobj, clutter_scale[sl][on, k], clutter_shift[sl][on, k],
+                              clutter_angle[sl][on, k], torch.ones(len(on), dtype=torch.float64))
+                img[on] = _composite(img[on], cobj)
+        obj = _place(app.objects(coef), scale[sl], shift[sl], angle[sl], flip[sl])
+        img = _composite(img, obj)
+        # colour jitter (contrast, brightness, per-channel gain) and pixel noise
+        mean = img.mean((1, 2, 3), keepdim=True)
+        img = ((img - mean) * contrast[sl].view(m, 1, 1, 1) + mean + brightness[sl].view(m, 1, 1, 1))
+        img = img * gain[sl].view(m, 3, 1, 1)
+        img = img + spec.noise * torch.randn(img.shape, generator=gen, dtype=torch.float64)
+        img = img.clamp(0, 1)
+        a = obj[:, 3:4]
+        colour_word[sl] = _nearest_colour((img * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1e-6))
+        images[sl] = (img * 255).round().to(torch.uint8)
+    # position / size words for descriptions (x: -1 left, y: -1 top)
+    pos = torch.zeros(n, dtype=torch.long)
+    off = shift.abs().max(1).values > 0.12
+    horiz = shift[:, 0].abs() >= shift[:, 1].abs()
+    pos[off & horiz & (shift[:, 0] < 0)] = 1
+    pos[off & horiz & (shift[:, 0] >= 0)] = 2
+    pos[off & ~horiz & (shift[:, 1] < 0)] = 3
+    pos[off & ~horiz & (shift[:, 1] >= 0)] = 4
+    size = (scale > 0.72).long() + (scale > 0.9).long()
+    attrs = torch.stack([colour_word, pos, size, bg_word], 1)
+    return images, attrs, clutter_ids
+
+
+def build_world(spec, cache_dir=None):
+    """Render (or load from the cache) the world described by `spec`.
+
+    Returns a dict of tensors: train_images uint8 [N,3,S,S], train_concepts (ImageNet id of each
+    sample's concept), train_attrs [N,4], train_clutter [N,2], test_images, test_concepts.
+    Training samples are ordered class by class, then open-world concepts."""
+    path = None
+    if cache_dir:
+        path = os.path.join(os.path.expanduser(cache_dir), f"world-{spec.key()}.pt")
+        if os.path.exists(path):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or foreign file: re-render
+                warnings.warn(f"ignoring unreadable world cache {path}: {e}")
+    app = _Appearance(spec.head, spec.seed, spec.image_size)
+    ids = list(spec.class_ids) + list(spec.open_world_ids)
+    counts = list(spec.train_counts) + list(spec.open_world_counts)
+    train_concepts = torch.tensor(np.repeat(ids, counts), dtype=torch.long)
+    test_concepts = torch.tensor(np.repeat(spec.class_ids, spec.num_test_per_class), dtype=torch.long)
+    # separate streams: the test split does not depend on the training counts or profile
+    tr_images, tr_attrs, tr_clutter = _render(app, train_concepts, spec, _generator(spec.seed, 1))
+    te_images, _, _ = _render(app, test_concepts, spec, _generator(spec.seed, 2))
+    world = dict(train_images=tr_images, train_concepts=train_concepts, train_attrs=tr_attrs,
+                 train_clutter=tr_clutter, test_images=te_images, test_concepts=test_concepts)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(world, tmp)
+        os.replace(tmp, path)  # atomic: concurrent ranks never see a half-written file
+    return world
+
+
+def scale_counts(profile, total):
+    """Integer counts proportional to `profile` summing to `total` (largest remainders); zeros stay
+    zero, and every class with a non-zero profile value gets at least one sample."""
+    p = np.asarray(profile, dtype=np.float64)
+    if total < (p > 0).sum():
+        raise ValueError(f"--num-train {total} is smaller than the number of classes with data ({(p > 0).sum()})")
+    raw = p / p.sum() * total
+    counts = np.floor(raw).astype(np.int64)
+    counts[(p > 0) & (counts == 0)] = 1
+    rest = total - counts.sum()
+    order = np.argsort(-(raw - np.floor(raw)), kind="stable")
+    order = order[p[order] > 0]
+    i = 0
+    while rest != 0:  # hand out (or take back) the remainder, one sample at a time
+        c = order[i % len(order)]
+        if rest > 0:
+            counts[c] += 1
+            rest -= 1
+        elif counts[c] > 1:
+            counts[c] -= 1
+            rest += 1
+        i += 1
+    return counts
+
+
+# ============================================================================================
+# Captions (Sec. 3.2, Appx. C.2)
+# ============================================================================================
+
+UNRELATED_TAGS = ["nikon", "canon", "2008", "2011", "2013", "summer", "winter", "vacation", "travel",
+                  "nature", "family", "friends", "flickr", "photo", "explore", "city", "holiday", "art",
+                  "macro", "outdoor", "weekend", "sunset", "park", "home", "trip", "bokeh", "hdr"]
+GENERIC_TITLES = ["IMG_{n}", "DSC{n}", "Untitled", "photo {n}", "Day {d}", "Summer {y}", "My trip {y}",
+                  "Weekend", "Holiday snaps", "P{n}", "Home", "At the park", "Sunday afternoon"]
+PLACES = ["the zoo", "home", "the park", "the lake", "the market", "the beach", "my garden", "work"]
+
+
+@dataclass
+class Concept:
+    """What captions may say about a sample's concept."""
+    name: str
+    synonyms: list      # name first, then WordNet lemmas
+    related: list       # names of the most similar ImageNet classes (by embedding)
+
+
+def template_caption(rng, name):
+    """One of the 80 CLIP templates filled with `name` (Sec. 3.2, template-based captions)."""
+    templates = caption_templates()
+    return templates[int(rng.integers(len(templates)))](name)
+
+
+def _pick(rng, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _mention(rng, concept, p_synonym=0.35):
+    """The class name, or (with p_synonym) one of its other WordNet synonyms."""
+    if len(concept.synonyms) > 1 and rng.random() < p_synonym:
+        return _pick(rng, concept.synonyms[1:])
+    return concept.name
+
+
+def _title(rng, concept, clutter_names):
+    r = rng.random()
+    if r < 0.40:  # titles often miss the class: only 40% mention it
+        return _pick(rng, ["{x}", "My {x}", "{x} at {p}", "A {x}", "{x}!", "The {x}"]).format(
+            x=_mention(rng, concept), p=_pick(rng, PLACES))
+    if r < 0.50 and clutter_names:  # ... or are about something else in the picture
+        return f"{_pick(rng, clutter_names)} at {_pick(rng, PLACES)}"
+    return _pick(rng, GENERIC_TITLES).format(n=int(rng.integers(1000, 99999)), d=int(rng.integers(1, 30)),
+                                             y=int(rng.integers(2004, 2015)))
+
+
+def _description(rng, concept, attrs, clutter_names):
+    colour, position, size, background = attrs
+    size_word = SIZES[size] + " " if SIZES[size] else ""
+    r = rng.random()
+    if r < 0.55:  # mention the class (or a synonym) with appearance words tied to the rendering
+        what = _mention(rng, concept)
+    elif r < 0.70 and concept.related:  # a related (similar) class's name: realistic confusion
+        what = _pick(rng, concept.related)
+    else:
+        what = _pick(rng, ["thing", "animal or object", "one", "subject"])
+    text = f"A {size_word}{colour} {what} {position}, {background} background."
+    if clutter_names and rng.random() < 0.6:
+        text += f" There is also a {_pick(rng, clutter_names)}."
+    if rng.random() < 0.3:
+        text += " " + _pick(rng, ["Taken with my new camera.", "Not the best shot.", "Love this one!",
+                                  f"Seen at {_pick(rng, PLACES)}."])
+    return text
+
+
+def _tags(rng, concept, attrs, clutter_names, other_names):
+    tags = [_pick(rng, UNRELATED_TAGS) for _ in range(int(rng.integers(2, 6)))]
+    if rng.random() < 0.75:
+        tags.append(concept.name)
+    if len(concept.synonyms) > 1 and rng.random() < 0.35:
+        tags.append(_pick(rng, concept.synonyms[1:]))
+    if rng.random() < 0.3:
+        tags.append(attrs[0])
+    if clutter_names and rng.random() < 0.5:
+        tags.append(_pick(rng, clutter_names))
+    if rng.random() < 0.15:  # tags naming some other, absent class
+        tags.append(_pick(rng, other_names))
+    order = rng.permutation(len(tags))
+    return " ".join(tags[i] for i in order)
+
+
+CAPTION_FIELDS = ("title", "description", "tags")  # the paper's order (Appx. C.2)
+
+
+def natural_caption(rng, concept, attrs, fields, clutter_names=(), other_names=()):
+    """A synthetic IN-Caps-like caption: the chosen fields of title / description / tags, joined in the
+    paper's order. More fields -> more descriptive (Fig. 3): the class is mentioned in ~40% of titles,
+    ~55% of descriptions (plus ~15% naming a similar class instead) and ~75% of tag lists."""
+    parts = []
+    for f in CAPTION_FIELDS:
+        if f in fields:  # draw each field even when unused? no: only used fields consume randomness
+            if f == "title":
+                parts.append(_title(rng, concept, list(clutter_names)))
+            elif f == "description":
+                parts.append(_description(rng, concept, attrs, list(clutter_names)))
+            else:
+                parts.append(_tags(rng, concept, attrs, list(clutter_names), list(other_names)))
+    return " ".join(p for p in parts if p)
+
+
+def build_caption(rng, concept, kind, fields=CAPTION_FIELDS, attrs=None, clutter_names=(), other_names=(),
+                  class_prefix=False, real_fields=None):
+    """The caption of one training sample (Sec. 3.2):
+      template         - one of the 80 CLIP templates with the class name;
+      template-synset  - a template with a random WordNet synonym of the class;
+      natural          - title / description / tags (`fields`, joined in the paper's order): the real
+                         fields when the data has them (`real_fields`), else synthetic ones from `attrs`.
+    class_prefix prepends the class name ("{name}. {caption}")."""
+    if kind == "template":
+        caption = template_caption(rng, concept.name)
+    elif kind == "template-synset":
+        caption = template_caption(rng, _pick(rng, concept.synonyms))
+    elif kind == "natural":
+        if real_fields is not None:
+            caption = " ".join(real_fields[f] for f in CAPTION_FIELDS if f in fields and real_fields.get(f))
+        else:
+            caption = natural_caption(rng, concept, attrs, fields, clutter_names, other_names)
+    else:
+        raise ValueError(f"unknown caption kind {kind!r}: use template, template-synset or natural")
+    return f"{concept.name}. {caption}" if class_prefix else caption
+
+
+def _related_names(head, k=3):
+    """Names of the k most similar ImageNet classes of each class (by centred text embedding)."""
+    key = ("related", head, k)
+    if key not in _cache:
+        e = _embeddings(head)
+        sim = e @ e.T
+        sim.fill_diagonal_(-2)
+        names = imagenet_classnames()
+        _cache[key] = [[names[j] for j in row] for row in sim.topk(k, dim=1).indices.tolist()]
+    return _cache[key]
+
+
+# ============================================================================================
+# Datasets
+# ============================================================================================
+
+def sample_rng(seed, epoch, index):
+    """The random generator of one sample in one epoch: captions and augmentation depend only on
+    (data seed, epoch, sample index), never on the process, worker or order that draws the sample."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def apply_transform_seeded(transform, image, rng):
+    """Run a (random) transform with torch's and Python's global RNGs seeded from `rng`, then restore
+    them: torchvision draws crop/flip parameters from the global RNG, so without this the augmentation
+    of a sample would depend on the worker/process that loads it and on what ran before; with it, any
+    number of processes and DataLoader workers see identical samples, resume included, and the caller's
+    own RNG streams (model init, dropout) are left untouched. fork_rng(devices=[]) only saves the CPU
+    generator, which costs microseconds."""
+    if transform is None:
+        return image
+    seed = int(rng.integers(2 ** 63 - 1))
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return transform(image)
+        finally:
+            random.setstate(py_state)
+
+
+class CaptionedTrainSet(Dataset):
+    """Training items (image, label, caption). Subclasses provide _image(i), _caption(rng, i).
+    `labels` is an int64 array (-1 for open-world samples); call set_epoch(e) every epoch."""
+
+    def __init__(self, labels, transform, seed):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        i = int(i)
+        rng = sample_rng(self.seed, self.epoch, i)
+        caption = self._caption(rng, i)
+        image = apply_transform_seeded(self.transform, self._image(i), rng)
+        return image, int(self.labels[i]), caption
+
+    def captions(self, epoch=0):
+        """All captions of one epoch, without loading images (for frequency estimation, tests)."""
+        return [self._caption(sample_rng(self.seed, epoch, i), i) for i in range(len(self))]
+
+
+class SubsetTrainSet(Dataset):
+    """A view of some indices of a training set that keeps set_epoch and labels. Sample i of the view
+    is sample indices[i] of the base, so its caption/augmentation equal the base's."""
+
+    def __init__(self, base, indices):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = base.labels[self.indices]
+
+    def set_epoch(self, epoch):
+        self.base.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[int(self.indices[i])]
+
+    def captions(self, epoch=0):
+        caps = self.base.captions(epoch)
+        return [caps[j] for j in self.indices]
+
+
+class SyntheticTrainSet(CaptionedTrainSet):
+    def __init__(self, images, labels, concepts, attrs, clutter, caption_args, head, transform, seed):
+        super().__init__(labels, transform, seed)
+        self.images, self.concepts, self.attrs, self.clutter = images, concepts.numpy(), attrs.numpy(), clutter.numpy()
+        self.caption_args = caption_args
+        names, syns, related = imagenet_classnames(), imagenet_synonyms(), _related_names(head)
+        self._concept = {c: Concept(names[c], syns[c], related[c]) for c in set(self.concepts.tolist())}
+        self._names = names
+
+    def _image(self, i):
+        return self.images[i]
+
+    def _caption(self, rng, i):
+        colour, pos, size, bg = self.attrs[i]
+        palette = list(PALETTE)
+        attrs = (palette[colour], POSITIONS[pos], size, palette[bg])
+        clutter_names = [self._names[c] for c in self.clutter[i] if c >= 0]
+        return build_caption(rng, self._concept[int(self.concepts[i])], attrs=attrs, clutter_names=clutter_names,
+                             other_names=self._names, **self.caption_args)
+
+
+class TensorTestSet(Dataset):
+    """Test items (image, label) from a uint8 image tensor."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[int(i)]
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+class _NormalizeUint8:
+    """uint8 [3,H,W] -> float, CLIP mean/std normalised."""
+
+    def __init__(self):
+        self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def __call__(self, img):
+        return (img.float() / 255 - self.mean) / self.std
+
+
+def default_transforms(image_size, tensor_images):
+    """The paper's light augmentation (Appx. C.1: RandomResizedCrop scale 0.9-1.0) + CLIP mean/std.
+    Synthetic (uint8 tensor) and real (PIL) images get the same recipe."""
+    from torchvision import transforms as T
+
+    if tensor_images:
+        train = T.Compose([T.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True), _NormalizeUint8()])
+        return train, _NormalizeUint8()
+    norm = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    train = T.Compose([T.RandomResizedCrop(image_size, scale=(0.9, 1.0)), *norm])
+    test = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), *norm])
+    return train, test
+
+
+# ============================================================================================
+# LongTailData and load_data
+# ============================================================================================
+
+@dataclass
+class LongTailData:
+    classnames: list                 # the C evaluated classes; label = index into this list
+    synonyms: list                   # per class: [name, WordNet synonyms...]
+    imagenet_ids: list               # ImageNet-1k index per class (-1 if not ImageNet) -> head rows
+    train_counts: np.ndarray         # training samples per evaluated class (after variants)
+    train: Dataset                   # items (image, label, caption); label -1 = open-world sample
+    test: Dataset                    # items (image, label)
+    tail_classes: np.ndarray = None  # classes cut by --trim-tail (Sec. 4.1), else None
+    open_world_names: list = field(default_factory=list)   # concepts only in images+captions (Sec. 3.6)
+    extra_eval: dict = field(default_factory=dict)         # name -> Dataset of (image, label)
+    freq_table_path: str = None      # the frequency table written for a trimmed-tail variant
+    info: dict = field(default_factory=dict)               # what was loaded (for args.json / logs)
+
+    def train_labelled(self):
+        """The training set without open-world samples (label -1): what supervised learning uses."""
+        if (self.train.labels >= 0).all():
+            return self.train
+        return SubsetTrainSet(self.train, np.flatnonzero(self.train.labels >= 0))
+
+
+def _fraction(text):
+    """'1/8' or '0.125' -> 0.125 (for --subset-frac)."""
+    try:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"fraction must be in (0, 1], got {text!r}")
+    return value
+
+
+def add_data_args(parser):
+    """Add the shared data flags to a script's argparse parser (returns the parser)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=["synthetic", "incaps", "tsv", "imagefolder", "cifar100-lt"],
+                   help="synthetic = the embedded long-tailed world (default); real formats need --data-root/--train-file")
+    g.add_argument("--data-root", default=None, help="root folder of the real data set (see README)")
+    g.add_argument("--train-file", default=None, help="--data tsv: TSV with header filepath, label, caption; "
+                   "--data incaps: the ImageNet-Captions json (default DATA_ROOT/imagenet_captions.json)")
+    g.add_argument("--val-root", default=None, help="ImageFolder of ImageNet val (wnid folders) used as test set")
+    g.add_argument("--extra-eval", action="append", default=[], metavar="NAME=DIR",
+                   help="extra test ImageFolder (wnid, ImageNet-index or class-name folders); repeatable")
+    g.add_argument("--classes", default="in100", help="in100 (default), in1k, or rand<K> (K random ImageNet classes)")
+    g.add_argument("--profile", default="incaps", help="class-frequency profile of the synthetic training set: "
+                   "a name from metadata/freqs (incaps, laionet-0.7, yfcc15m, laion400m, ...), 'uniform', or a table file")
+    g.add_argument("--num-train", type=int, default=15000, help="synthetic: labelled training images in total")
+    g.add_argument("--num-test-per-class", type=int, default=50, help="synthetic: balanced test images per class")
+    g.add_argument("--image-size", type=int, default=None, help="32 (synthetic default) or 64; real data: 224")
+    g.add_argument("--diversity", type=float, default=0.75, help="synthetic intra-class diversity: a sample's "
+                   "mean cosine to its class embedding is 1/sqrt(1+d^2) (the analogue of LAIONet's threshold)")
+    g.add_argument("--world-head", default="openclip-vitb32-laion400m",
+                   help="text embeddings the synthetic appearance is derived from")
+    g.add_argument("--captions", default="natural", choices=["template", "template-synset", "natural"])
+    g.add_argument("--caption-fields", default="title,description,tags",
+                   help="natural captions: comma-separated subset of title,description,tags")
+    g.add_argument("--class-prefix", action="store_true", help="prepend the class name to every caption")
+    g.add_argument("--open-world", type=int, default=0, metavar="N",
+                   help="add N other ImageNet classes present only in images+captions (label -1, Sec. 3.6)")
+    g.add_argument("--trim-tail", type=int, default=0, metavar="K", help="cut the K least frequent classes (Sec. 4.1)")
+    g.add_argument("--tail-shots", type=int, default=1, choices=[0, 1], help="shots left in each trimmed class")
+    g.add_argument("--subset-frac", type=_fraction, default=1.0, help="uniform fraction of the training set "
+                   "(e.g. 1/8), every class kept at least once")
+    g.add_argument("--subset-size", type=int, default=None, help="uniform subset of exactly this many samples")
+    g.add_argument("--freq-match", default=None, metavar="PROFILE",
+                   help="resample the training set to this profile's class frequencies (the '=freq' variant)")
+    g.add_argument("--imbalance", type=float, default=100, help="CIFAR-100-LT imbalance factor (10, 50, 100)")
+    g.add_argument("--max-bad-frac", type=float, default=0.01,
+                   help="stop when more than this fraction of images cannot be read")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the world, variants, captions and augmentation")
+    g.add_argument("--cache-dir", default=os.environ.get("CLIP_BEYOND_TAIL_CACHE", DEFAULT_CACHE_DIR),
+                   help="where the rendered synthetic world is cached")
+    return parser
+
+
+def _data_options(args):
+    """args (a Namespace, possibly lacking some data flags) merged over the flag defaults."""
+    opts = vars(add_data_args(argparse.ArgumentParser()).parse_args([]))
+    opts.update({k: v for k, v in vars(args).items() if k in opts})
+    return argparse.Namespace(**opts)
+
+
+def _caption_args(opts):
+    fields = tuple(f.strip() for f in opts.caption_fields.split(",") if f.strip())
+    bad = [f for f in fields if f not in CAPTION_FIELDS]
+    if bad or not fields:
+        raise ValueError(f"--caption-fields: unknown field(s) {bad or fields}; use a subset of {','.join(CAPTION_FIELDS)}")
+    return dict(kind=opts.captions, fields=fields, class_prefix=bool(opts.class_prefix))
+
+
+def load_data(args, train_transform=None, test_transform=None):
+    """Build the data the flags describe (see add_data_args). Transforms default to
+    default_transforms(): light RandomResizedCrop + CLIP normalisation."""
+    opts = _data_options(args)
+    loaders = {"synthetic": _load_synthetic}
+    if opts.data not in loaders:
+        raise ValueError(f"--data {opts.data}: not implemented yet")
+    return loaders[opts.data](opts, train_transform, test_transform)
+
+
+def _load_synthetic(opts, train_transform, test_transform):
+    size = opts.image_size or 32
+    if size not in (32, 64):
+        raise ValueError(f"--image-size {size}: the synthetic world renders 32 or 64 px")
+    if opts.num_test_per_class < 1:
+        raise ValueError(f"--num-test-per-class must be >= 1, got {opts.num_test_per_class}")
+    class_ids = select_classes(opts.classes, opts.data_seed)
+    counts = scale_counts(frequency_profile(opts.profile, class_ids), opts.num_train)
+    # open-world concepts: other ImageNet classes, counted like the evaluated ones (same profile, same scale)
+    others = sorted(set(range(1000)) - set(class_ids))
+    if not 0 <= opts.open_world <= len(others):
+        raise ValueError(f"--open-world must be in [0, {len(others)}], got {opts.open_world}")
+    rng = np.random.default_rng([opts.data_seed, 11])
+    ow_ids = sorted(rng.choice(others, opts.open_world, replace=False).tolist()) if opts.open_world else []
+    ow_counts = []
+    if ow_ids:
+        prof = opts.profile if opts.profile != "incaps" else "incaps"  # 1000-row table for non-IN-100 ids
+        p_eval, p_ow = frequency_profile(prof, class_ids), frequency_profile(prof, ow_ids)
+        ow_counts = np.round(p_ow / p_eval.sum() * opts.num_train).astype(np.int64).tolist()
+    spec = WorldSpec(class_ids=tuple(class_ids), train_counts=tuple(int(c) for c in counts),
+                     open_world_ids=tuple(ow_ids), open_world_counts=tuple(int(c) for c in ow_counts),
+                     num_test_per_class=opts.num_test_per_class, image_size=size, diversity=float(opts.diversity),
+                     detail=0.5, clutter=0.5, noise=0.04, head=opts.world_head, seed=opts.data_seed)
+    world = build_world(spec, opts.cache_dir)
+    label_of = {c: i for i, c in enumerate(class_ids)}
+    train_labels = np.array([label_of.get(c, -1) for c in world["train_concepts"].tolist()], dtype=np.int64)
+    test_labels = np.array([label_of[c] for c in world["test_concepts"].tolist()], dtype=np.int64)
+    default_train, default_test = default_transforms(size, tensor_images=True)
+    train = SyntheticTrainSet(world["train_images"], train_labels, world["train_concepts"], world["train_attrs"],
+                              world["train_clutter"], _caption_args(opts), opts.world_head,
+                              train_transform or default_train, opts.data_seed)
+    test = TensorTestSet(world["test_images"], test_labels, test_transform or default_test)
+    names, syns = imagenet_classnames(), imagenet_synonyms()
+    data = LongTailData(classnames=[names[c] for c in class_ids], synonyms=[syns[c] for c in class_ids],
+                        imagenet_ids=list(class_ids), train_counts=np.asarray(counts, dtype=np.int64),
+                        train=train, test=test, open_world_names=[names[c] for c in ow_ids],
+                        info=dict(data="synthetic", world=spec.key(), profile=opts.profile))
+    return data
+
+
+if __name__ == "__main__":
+    pass
