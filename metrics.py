@@ -348,7 +348,7 @@ def nc_metrics(features, labels, num_classes, classifier=None, *, pinv_rtol=PINV
     for start in range(0, n, chunk):
         y_block = y[start:start + chunk]
         diff = h[start:start + chunk].double() - class_means[y_block]
-        quad_sums.index_add_(0, y_block, ((diff @ between_pinv) * diff).sum(dim=1))
+        quad_sums.index_add_(0, y_block, (diff @ between_pinv).mul_(diff).sum(dim=1))
     nc1_per_class = (quad_sums[present] / counts[present]).cpu().numpy()
     out["per_class"]["nc1"][present_np] = nc1_per_class
     out["nc1"] = quad_sums.sum().item() / n / num_present          # Tr(Sigma_W Sigma_B^+) / C
@@ -418,7 +418,9 @@ def summarize(preds, labels, train_counts, features=None, classifier=None, tail_
         **{key: nc[key] for key in ("nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn")},
     )
     if tail_classes is not None:
-        final.update(head_tail_accuracy(preds, labels, tail_classes))
+        tail = _to_numpy(tail_classes)
+        tail = np.flatnonzero(tail) if tail.dtype == bool else _class_ids(tail.reshape(-1), num_classes, "tail_classes")
+        final.update(head_tail_accuracy(preds, labels, tail))
     final.update(num_classes=num_classes, num_eval=int(labels.size))
 
     per_class = []
@@ -436,7 +438,7 @@ def _plain_number(x):
 
 
 def _json_safe(value):
-    """nan/inf -> None (JSON null), numpy scalars/arrays -> Python numbers/lists, recursively."""
+    """nan/inf -> None (JSON null), numpy scalars/arrays -> Python numbers/lists, other objects -> str."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -449,7 +451,9 @@ def _json_safe(value):
         return int(value)
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)  # e.g. a pathlib.Path in extra: never fail at the end of a training run
 
 
 def _atomic_write(path, write, binary=False):

@@ -371,6 +371,8 @@ def test_summarize_combines_the_metrics():
     without, _ = metrics.summarize(preds, labels, train_counts)
     assert all(math.isnan(without[k]) for k in ("nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn"))
     assert "top1_tail" not in without
+    with pytest.raises(ValueError, match="tail_classes"):
+        metrics.summarize(preds, labels, train_counts, tail_classes=[6])
 
 
 def test_summarize_leaves_out_classes_without_eval_samples():
@@ -391,7 +393,8 @@ def _write_example_run(out_dir, with_features=True):
     final = metrics.write_eval_outputs(
         str(out_dir), preds, labels, np.array([300, 100, 50, 20, 5, 1]), [f"class {c}" for c in range(6)],
         features=torch.from_numpy(features).float() if with_features else None,
-        classifier=classifier if with_features else None, tail_classes=[5], extra={"method": "test"})
+        classifier=classifier if with_features else None, tail_classes=[5],
+        extra={"method": "test", "out": out_dir, "lr": np.float32(0.5)})  # out: a pathlib.Path
     return final, preds, labels
 
 
@@ -405,6 +408,7 @@ def test_write_eval_outputs(tmp_path):
         np.testing.assert_array_equal(npz["tail_classes"], [5])
     saved = json.loads((run / "final.json").read_text())
     assert saved["method"] == "test" and saved["top1"] == pytest.approx(final["top1"])
+    assert saved["out"] == str(run) and saved["lr"] == 0.5
     with open(run / "per_class.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["class_index", "class", "frequency", "accuracy", "pred_count",
@@ -447,22 +451,24 @@ def test_cli_missing_run_dir_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "no_such_run" in result.stderr
 
 
-def test_cli_freq_tables(tmp_path):
+def test_cli_freq_tables(tmp_path, capsys):
     a, b, bad = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "bad.txt"
     a.write_text("".join(f"class {i}\t{i * i}\n" for i in range(30)))
     b.write_text("".join(f"class {i}\t{(i * 7) % 30}\n" for i in range(30)))
     bad.write_text("class 0\t1\nclass 1\n")
-    result = run_cli("--freq", str(a), "--freq", str(b))
-    assert result.returncode == 0, result.stderr
+    assert metrics.main(["--freq", str(a), "--freq", str(b)]) == 0  # in process: saves a torch start-up
     rho = scipy.stats.spearmanr(np.arange(30) ** 2, (np.arange(30) * 7) % 30).statistic
-    assert f"{rho:.4f}" in result.stdout and "30 shared classes" in result.stdout
+    out = capsys.readouterr().out
+    assert f"{rho:.4f}" in out and "30 shared classes" in out
     result = run_cli("--freq", str(a), "--freq", str(bad))
     assert result.returncode == 2 and "bad.txt:2:" in result.stderr
     assert result.stderr.strip().count("\n") == 0
 
 
 def test_cli_argument_errors_in_process(tmp_path, capsys):
-    for argv in ([], ["--freq", "only_one.txt"], [str(tmp_path), "--freq", "a", "--freq", "b"],
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "eval.npz").write_bytes(b"not a zip file")
+    for argv in ([str(tmp_path / "broken")], [str(tmp_path)], [], ["--freq", "only_one.txt"], [str(tmp_path), "--freq", "a", "--freq", "b"],
                  ["--freq", "a", "--freq", str(tmp_path / "missing.txt")]):
         with pytest.raises(SystemExit) as exit_info:
             metrics.main(argv)
