@@ -1,0 +1,169 @@
+"""The run plumbing in data.py: N processes behave like one, and runs resume without loss.
+
+Multi-process cases spawn real gloo process groups on this CPU and compare against one process (or
+plain PyTorch) on the same global batch.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_file):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist = data.init_distributed("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    model = data.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3).double()), dist)
+    per_rank = 8 // world
+    x_local = x[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
+    y = model(x_local)
+    # A loss whose weights depend on the global sample index, so each sample's gradient is distinct.
+    weights = (torch.arange(y.numel(), dtype=y.dtype) + rank * y.numel()).view_as(y).sin()
+    (y * weights).sum().backward()
+    weight_grad = model[0].weight.grad.clone()
+    if world > 1:
+        torch.distributed.all_reduce(weight_grad)
+    sampler = data.GlobalBatchSampler(list(range(23)), 8, dist, seed=3, epoch=1)
+    batches = [data.all_gather_cat(torch.tensor(b), dist).tolist() for b in sampler]
+    shard = list(range(rank, 11, world))
+    (ordered,) = data.gather_eval(shard, dist, torch.tensor(shard) * 10)
+    result = dict(y=data.all_gather_cat(y.detach(), dist), x_grad=data.all_gather_cat(x_local.grad, dist),
+                  weight_grad=weight_grad, running_mean=model[0].running_mean,
+                  running_var=model[0].running_var, batches=batches, ordered=ordered)
+    if rank == 0:
+        torch.save(result, out_file)
+    data.close_distributed()
+
+
+def _run(world, tmp_path):
+    out = str(tmp_path / f"world{world}.pt")
+    mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    return _run(1, tmp), _run(2, tmp)
+
+
+def test_batchnorm_over_two_processes_equals_one_process(one_and_two):
+    one, two = one_and_two
+    for key in ["y", "x_grad", "weight_grad", "running_mean", "running_var"]:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_global_batches_do_not_depend_on_process_count(one_and_two):
+    one, two = one_and_two
+    assert one["batches"] == two["batches"]
+    assert len(one["batches"]) == 23 // 8
+    flat = [i for b in one["batches"] for i in b]
+    assert len(set(flat)) == len(flat) == 16
+
+
+def test_gather_eval_restores_dataset_order(one_and_two):
+    for result in one_and_two:
+        assert result["ordered"].tolist() == [10 * i for i in range(11)]
+
+
+def test_sampler_rejects_indivisible_and_oversized_batches():
+    with pytest.raises(ValueError, match="not divisible"):
+        data.GlobalBatchSampler(list(range(10)), 5, data.Dist(world_size=2), seed=0)
+    with pytest.raises(ValueError, match="larger than"):
+        data.GlobalBatchSampler(list(range(3)), 4, data.Dist(), seed=0)
+
+
+def test_sampler_epochs_differ_and_repeat():
+    sampler = data.GlobalBatchSampler(list(range(40)), 8, data.Dist(), seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == first and first != second
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
+    path = str(tmp_path / "x.json")
+    data.write_json(path, {"a": 1})
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("{torn")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        data.atomic_write(path, broken)
+    assert json.load(open(path)) == {"a": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+class _Args:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_rundir_refuses_to_overwrite_and_trims_log_on_resume(tmp_path):
+    out = str(tmp_path / "run")
+    run = data.RunDir(out, _Args(lr=0.1), data.Dist())
+    assert json.load(open(os.path.join(out, "args.json"))) == {"lr": 0.1}
+    for epoch in range(3):
+        run.log_epoch({"epoch": epoch, "loss": 1.0 / (epoch + 1)})
+    run.save({"epoch": 2, "weights": torch.arange(3)})  # killed during epoch 2, after logging it
+    with pytest.raises(ValueError, match="--resume"):
+        data.RunDir(out, _Args(lr=0.1), data.Dist())
+    resumed = data.RunDir(out, _Args(lr=0.1), data.Dist(), resume=True)
+    state = resumed.resume_state()
+    assert state["epoch"] == 2 and state["weights"].tolist() == [0, 1, 2]
+    epochs = [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert epochs == [0, 1]
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        data.load_checkpoint(str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        data.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_rng_state_round_trip():
+    state = data.rng_state()
+    a = (torch.rand(3), torch.randint(0, 1000, (1,)).item())
+    data.set_rng_state(state)
+    b = (torch.rand(3), torch.randint(0, 1000, (1,)).item())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_check_finite_names_the_step():
+    data.check_finite(torch.tensor(1.5), epoch=0, step=3)
+    with pytest.raises(FloatingPointError, match="epoch 2 step 7"):
+        data.check_finite(torch.tensor(float("nan")), epoch=2, step=7)
+
+
+def test_run_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import data\n"
+                      "def main():\n    raise ValueError('--voc 500 is larger than the 100 classes')\n"
+                      "data.run_cli(main)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fails.py: error: --voc 500 is larger than the 100 classes"
