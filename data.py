@@ -216,14 +216,19 @@ def load_head(name_or_path, imagenet_ids, classnames=None):
                      f"(a 1000-row ImageNet head needs ImageNet class ids)")
 
 
-def _embeddings(head):
+def _embeddings(head, n_components=None):
     """Centred, l2-normalised text embeddings of the 1,000 ImageNet classes [1000, D] float64.
     Centring removes the direction shared by all prompts "a {classname}" so that cosine similarity
-    shows the semantic structure (dog breeds ~0.5-0.8, dog vs volcano ~0 or below)."""
-    key = ("emb", head)
+    shows the semantic structure. With n_components, the embeddings are first projected on their top
+    principal components, where the category structure lives: for the OpenCLIP ViT-B/32 head and 32
+    components, an ImageNet-100 class's nearest neighbour has cosine ~0.65 (Shih Tzu -> Chihuahua,
+    cabbage -> cauliflower) and two random classes ~0 +- 0.22 (full dimension: 0.34 and 0 +- 0.10)."""
+    key = ("emb", head, n_components)
     if key not in _cache:
         e = load_head(head, list(range(1000))).double()
         e = e - e.mean(0, keepdim=True)
+        if n_components:
+            e = e @ torch.linalg.svd(e, full_matrices=False).Vh[:n_components].T
         _cache[key] = e / e.norm(dim=1, keepdim=True)
     return _cache[key]
 
@@ -232,17 +237,22 @@ def _embeddings(head):
 # The synthetic world (DESIGN.md, "The embedded default")
 # ============================================================================================
 #
-# A sample of ImageNet class c is rendered from a semantic vector e_i = normalize(e_c + diversity * xi)
-# (e_c: the class's centred CLIP text embedding; xi: a random direction of norm ~1), so its mean
-# cosine to the class definition is 1/sqrt(1 + diversity^2): the analogue of LAIONet's text-definition
-# similarity threshold (lower threshold = more diverse images, Sec. 3.4). Fixed random linear maps
-# turn e_i (plus a smaller per-class random "detail" vector) into the coefficients of smooth random
-# basis patterns: object colour, texture, silhouette and background context. Similar embeddings
-# therefore give similar images. Per-sample nuisance: position, scale, rotation, flip, colour jitter,
-# background clutter made of other ImageNet classes' objects, pixel noise.
+# A sample of ImageNet class c is rendered from a semantic vector e_i = (e_c + diversity * xi) /
+# sqrt(1 + diversity^2) (e_c: the class's CLIP text embedding, centred, on its top 32 principal
+# components, unit norm; xi: a random direction of norm ~1), so its cosine to the class definition is
+# ~1/sqrt(1 + diversity^2): the analogue of LAIONet's text-definition similarity threshold (lower
+# threshold = more diverse images, Sec. 3.4). A fixed random linear map turns e_i (plus a smaller
+# per-class random "detail" vector) into appearance coefficients: object colour, background context
+# colour, a coarse colour layout, the amplitudes of oriented colour gratings (a texture "spectrum" a
+# CNN reads regardless of position) and a silhouette. Similar embeddings therefore give similar
+# images (dog breeds alike, dog vs volcano different). Per-sample nuisance: grating phases, position,
+# scale, rotation, flip, colour jitter, background clutter made of other ImageNet classes' objects,
+# pixel noise.
 
-WORLD_VERSION = 1
-N_TEXTURE, N_SHAPE = 48, 12  # basis patterns for texture (RGB) and silhouette
+WORLD_VERSION = 2
+SEMANTIC_DIM = 32                          # principal components of the text embeddings used
+N_LAYOUT, N_GRATING, N_SHAPE = 12, 24, 12  # coarse colour fields, texture gratings, silhouette fields
+N_COEF = 3 + 3 + N_LAYOUT + N_GRATING + N_SHAPE
 RENDER_CHUNK = 2048
 PALETTE = {  # colour words for descriptions, matched to the rendered object's mean colour
     "red": (0.8, 0.15, 0.15), "orange": (0.9, 0.5, 0.1), "yellow": (0.9, 0.85, 0.25),
@@ -281,49 +291,80 @@ def _generator(*seed):
     return g
 
 
-def _smooth_fields(gen, n, channels, cells, size):
-    """n random smooth fields [n, channels, size, size] of unit std: cells x cells Gaussian noise
-    upsampled bicubically (rendered at 32 or 64 px from the same noise, so sizes show one world)."""
-    x = torch.randn(n, channels, cells, cells, generator=gen, dtype=torch.float64)
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-    return x / x.flatten(1).std(dim=1).clamp_min(1e-6).view(n, 1, 1, 1)
+def _upsample_matrix(channels, cells, size):
+    """The linear map [channels*cells*cells, channels*size*size] of bicubic upsampling: smooth random
+    fields are random cells x cells grids pushed through it (a matmul: fast, and rendered at 32 or 64 px
+    from the same grid, so both sizes show one world)."""
+    eye = torch.eye(channels * cells * cells, dtype=torch.float64).view(-1, channels, cells, cells)
+    return F.interpolate(eye, size=(size, size), mode="bicubic", align_corners=False).flatten(1)
+
+
+def _smooth_basis(gen, n_fields, channels, cells, size):
+    """n_fields fixed random smooth patterns [n_fields, channels*size*size] (float32), each of unit std."""
+    up = _upsample_matrix(channels, cells, size)
+    fields = torch.randn(n_fields, up.shape[0], generator=gen, dtype=torch.float64) @ up
+    return (fields / fields.std(dim=1, keepdim=True).clamp_min(1e-6)).float()
+
+
+def _grating_basis(gen, n, size):
+    """n oriented colour gratings as [2n, 3*size*size] (cos rows, then sin rows): random direction,
+    1.5-5 cycles across the frame, random colour direction. A sample mixes them with its own phases."""
+    theta = torch.rand(n, generator=gen, dtype=torch.float64) * math.pi
+    freq = 1.5 + 3.5 * torch.rand(n, generator=gen, dtype=torch.float64)
+    colour = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    colour = colour / colour.norm(dim=1, keepdim=True)
+    lin = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    arg = math.pi * freq[:, None, None] * (torch.cos(theta)[:, None, None] * xx + torch.sin(theta)[:, None, None] * yy)
+    waves = torch.cat([torch.cos(arg), torch.sin(arg)])                       # [2n, S, S]
+    rgb = torch.cat([colour, colour])[:, :, None, None] * waves[:, None]      # [2n, 3, S, S]
+    return rgb.flatten(1).float()
 
 
 class _Appearance:
     """The fixed random maps from semantic vectors to appearance (depend on seed, head, size only)."""
 
     def __init__(self, head, seed, size):
-        emb = _embeddings(head)
-        d = emb.shape[1]
+        emb = _embeddings(head, SEMANTIC_DIM)
         g = _generator(seed, 101)
-        self.emb = emb
-        self.texture_basis = torch.cat([_smooth_fields(g, N_TEXTURE // 2, 3, 3, size),     # coarse
-                                        _smooth_fields(g, N_TEXTURE // 2, 3, 6, size)])    # finer
-        self.shape_basis = _smooth_fields(g, N_SHAPE, 1, 3, size)
-        # one linear map e -> [colour(3) | background context(3) | texture(N_TEXTURE) | shape(N_SHAPE)]
-        self.n_coef = 6 + N_TEXTURE + N_SHAPE
-        self.map = torch.randn(d, self.n_coef, generator=g, dtype=torch.float64)
-        self.class_detail = torch.randn(1000, self.n_coef, generator=g, dtype=torch.float64)
-        lin = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+        self.size = size
+        self.layout_basis = _smooth_basis(g, N_LAYOUT, 3, 3, size)
+        self.grating_basis = _grating_basis(g, N_GRATING, size)
+        self.shape_basis = _smooth_basis(g, N_SHAPE, 1, 3, size)
+        up = _upsample_matrix(3, 4, size)  # backgrounds: per-sample random 3x4x4 grids, upsampled
+        self.background_basis = (up / up.pow(2).sum(0).mean().sqrt()).float()
+        # e -> [colour(3) | context(3) | layout | grating amplitudes | shape]; unit-variance entries
+        self.lin_map = torch.randn(SEMANTIC_DIM, N_COEF, generator=g, dtype=torch.float64)
+        self.class_emb = emb
+        self.class_detail = torch.randn(1000, N_COEF, generator=g, dtype=torch.float64)
+        lin = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
         yy, xx = torch.meshgrid(lin, lin, indexing="ij")
         self.r2 = xx ** 2 + yy ** 2
 
     def coefficients(self, ids, diversity, detail, gen):
-        """Appearance coefficients [n, n_coef] of n samples of ImageNet classes `ids` (unit scale)."""
-        e = self.emb[ids]
-        xi = torch.randn(e.shape, generator=gen, dtype=torch.float64) / math.sqrt(e.shape[1])
-        e = e + diversity * xi
-        e = e / e.norm(dim=1, keepdim=True)
-        return e @ self.map + detail * self.class_detail[ids]
+        """Appearance coefficients [n, N_COEF] (float32) of n samples of ImageNet classes `ids`: the
+        map of e_i = (e_c + diversity * xi) / sqrt(1 + diversity^2), plus the class's detail vector."""
+        xi = torch.randn(len(ids), SEMANTIC_DIM, generator=gen, dtype=torch.float64) / math.sqrt(SEMANTIC_DIM)
+        e = (self.class_emb[ids] + diversity * xi) / math.sqrt(1 + diversity ** 2)
+        return (e @ self.lin_map + detail * self.class_detail[ids]).float()
 
-    def objects(self, coef):
-        """RGBA object images [n, 4, S, S] (colour, texture, silhouette) from coefficients."""
-        n, s = coef.shape[0], self.r2.shape[0]
-        colour = coef[:, 0:3]
-        tex = (coef[:, 6:6 + N_TEXTURE] @ self.texture_basis.flatten(1)).view(n, 3, s, s)
-        rgb = torch.sigmoid(1.5 * colour[:, :, None, None] + 0.9 * tex / math.sqrt(N_TEXTURE))
-        shape = (coef[:, 6 + N_TEXTURE:] @ self.shape_basis.flatten(1)).view(n, 1, s, s)
-        alpha = torch.sigmoid(8.0 * (0.45 * shape / math.sqrt(N_SHAPE) + 1.0 - self.r2 / 0.6))
+    def background(self, n, gen):
+        """Smooth random backgrounds [n, 3, S, S] (unit-ish std, zero mean)."""
+        x = torch.randn(n, self.background_basis.shape[0], generator=gen) @ self.background_basis
+        return x.view(n, 3, self.size, self.size)
+
+    def objects(self, coef, gen):
+        """RGBA object images [n, 4, S, S] from coefficients; grating phases are random per sample."""
+        n, s = coef.shape[0], self.size
+        colour, layout = coef[:, 0:3], coef[:, 6:6 + N_LAYOUT]
+        amp = F.softplus(2 * coef[:, 6 + N_LAYOUT:6 + N_LAYOUT + N_GRATING] - 1)  # a few dominant gratings
+        shape = coef[:, 6 + N_LAYOUT + N_GRATING:]
+        phase = torch.rand(n, N_GRATING, generator=gen) * (2 * math.pi)
+        waves = torch.cat([amp * torch.cos(phase), -amp * torch.sin(phase)], 1) @ self.grating_basis
+        tex = 0.5 * (layout @ self.layout_basis) / math.sqrt(N_LAYOUT) + 1.2 * waves / math.sqrt(N_GRATING)
+        rgb = torch.sigmoid(1.2 * colour[:, :, None, None] + tex.view(n, 3, s, s))
+        sil = (shape @ self.shape_basis).view(n, 1, s, s) / math.sqrt(N_SHAPE)
+        alpha = torch.sigmoid(8.0 * (0.45 * sil + 1.0 - self.r2 / 0.6))
         return torch.cat([rgb, alpha], 1)
 
 
@@ -338,26 +379,24 @@ def _place(obj, scale, shift, angle, flip):
 
 
 def _composite(base, layer):
-    a = layer[:, 3:4]
-    return base * (1 - a) + layer[:, :3] * a
+    return torch.lerp(base, layer[:, :3], layer[:, 3:4])
 
 
 def _nearest_colour(rgb):
-    names = list(PALETTE)
-    pal = torch.tensor([PALETTE[n] for n in names], dtype=rgb.dtype)
+    pal = torch.tensor(list(PALETTE.values()), dtype=rgb.dtype)
     return torch.cdist(rgb, pal).argmin(1)
 
 
 def _render(app, ids, spec, gen):
     """Render samples of ImageNet classes `ids` (LongTensor [n]) -> uint8 images [n,3,S,S] and
-    caption attributes (colour, position, size, background colour, clutter ids)."""
+    caption attributes (colour, position, size, background colour) and clutter ids [n,2]."""
     n, s = len(ids), spec.image_size
-    u = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     # per-sample nuisance, drawn up front (small arrays)
     scale = 0.6 + 0.4 * u(n)
     shift = (u(n, 2) * 2 - 1) * 0.3
     angle = (u(n) * 2 - 1) * 0.4
-    flip = torch.where(u(n) < 0.5, -1.0, 1.0).double()
+    flip = torch.where(u(n) < 0.5, -1.0, 1.0)
     n_clutter = (u(n, 2) < torch.tensor([spec.clutter, spec.clutter / 2])).sum(1)
     clutter_ids = torch.randint(0, 1000, (n, 2), generator=gen)
     clutter_ids[n_clutter < 1, 0] = -1
@@ -376,25 +415,25 @@ def _render(app, ids, spec, gen):
         m = sl.stop - sl.start
         coef = app.coefficients(ids[sl], spec.diversity, spec.detail, gen)
         # background: class context colour (fish -> water-like) + smooth per-sample variation
-        ctx = 0.8 * coef[:, 3:6] + 0.8 * torch.randn(m, 3, generator=gen, dtype=torch.float64)
-        img = torch.sigmoid(ctx[:, :, None, None] + 0.8 * _smooth_fields(gen, m, 3, 4, s))
+        ctx = 0.8 * coef[:, 3:6] + 0.8 * torch.randn(m, 3, generator=gen)
+        img = torch.sigmoid(ctx[:, :, None, None] + 0.8 * app.background(m, gen))
         bg_word[sl] = _nearest_colour(img.mean((2, 3)))
         # clutter: small objects of random ImageNet classes behind the main object
         for k in range(2):
             cid = clutter_ids[sl, k]
             on = (cid >= 0).nonzero().squeeze(1)
             if len(on):
-                cobj = app.objects(app.coefficients(cid[on], spec.diversity, spec.detail, gen))
+                cobj = app.objects(app.coefficients(cid[on], spec.diversity, spec.detail, gen), gen)
                 cobj = _place(cobj, clutter_scale[sl][on, k], clutter_shift[sl][on, k],
-                              clutter_angle[sl][on, k], torch.ones(len(on), dtype=torch.float64))
+                              clutter_angle[sl][on, k], torch.ones(len(on)))
                 img[on] = _composite(img[on], cobj)
-        obj = _place(app.objects(coef), scale[sl], shift[sl], angle[sl], flip[sl])
+        obj = _place(app.objects(coef, gen), scale[sl], shift[sl], angle[sl], flip[sl])
         img = _composite(img, obj)
         # colour jitter (contrast, brightness, per-channel gain) and pixel noise
         mean = img.mean((1, 2, 3), keepdim=True)
         img = ((img - mean) * contrast[sl].view(m, 1, 1, 1) + mean + brightness[sl].view(m, 1, 1, 1))
         img = img * gain[sl].view(m, 3, 1, 1)
-        img = img + spec.noise * torch.randn(img.shape, generator=gen, dtype=torch.float64)
+        img = img + spec.noise * torch.randn(img.shape, generator=gen)
         img = img.clamp(0, 1)
         a = obj[:, 3:4]
         colour_word[sl] = _nearest_colour((img * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1e-6))
@@ -426,14 +465,22 @@ def build_world(spec, cache_dir=None):
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # a truncated or foreign file: re-render
                 warnings.warn(f"ignoring unreadable world cache {path}: {e}")
-    app = _Appearance(spec.head, spec.seed, spec.image_size)
     ids = list(spec.class_ids) + list(spec.open_world_ids)
     counts = list(spec.train_counts) + list(spec.open_world_counts)
     train_concepts = torch.tensor(np.repeat(ids, counts), dtype=torch.long)
     test_concepts = torch.tensor(np.repeat(spec.class_ids, spec.num_test_per_class), dtype=torch.long)
-    # separate streams: the test split does not depend on the training counts or profile
-    tr_images, tr_attrs, tr_clutter = _render(app, train_concepts, spec, _generator(spec.seed, 1))
-    te_images, _, _ = _render(app, test_concepts, spec, _generator(spec.seed, 2))
+    # One thread: the pixels must not depend on the caller's thread count (torchrun sets 1, a plain run
+    # several; a float32 reduction split differently could flip a rounding), and on a shared CPU one
+    # thread is also the fastest here (~3 s for 20k images of 32 px).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        app = _Appearance(spec.head, spec.seed, spec.image_size)
+        # separate streams: the test split does not depend on the training counts or profile
+        tr_images, tr_attrs, tr_clutter = _render(app, train_concepts, spec, _generator(spec.seed, 1))
+        te_images, _, _ = _render(app, test_concepts, spec, _generator(spec.seed, 2))
+    finally:
+        torch.set_num_threads(threads)
     world = dict(train_images=tr_images, train_concepts=train_concepts, train_attrs=tr_attrs,
                  train_clutter=tr_clutter, test_images=te_images, test_concepts=test_concepts)
     if path:
@@ -584,7 +631,9 @@ def build_caption(rng, concept, kind, fields=CAPTION_FIELDS, attrs=None, clutter
     elif kind == "template-synset":
         caption = template_caption(rng, _pick(rng, concept.synonyms))
     elif kind == "natural":
-        if real_fields is not None:
+        if isinstance(real_fields, str):  # a data set with one caption per image (TSV)
+            caption = real_fields
+        elif real_fields is not None:
             caption = " ".join(real_fields[f] for f in CAPTION_FIELDS if f in fields and real_fields.get(f))
         else:
             caption = natural_caption(rng, concept, attrs, fields, clutter_names, other_names)
@@ -764,11 +813,15 @@ class LongTailData:
     freq_table_path: str = None      # the frequency table written for a trimmed-tail variant
     info: dict = field(default_factory=dict)               # what was loaded (for args.json / logs)
 
+    def labelled_indices(self):
+        """Indices of the training samples with a label (not open-world), e.g. for train_loader(indices=)."""
+        return np.flatnonzero(self.train.labels >= 0)
+
     def train_labelled(self):
         """The training set without open-world samples (label -1): what supervised learning uses."""
         if (self.train.labels >= 0).all():
             return self.train
-        return SubsetTrainSet(self.train, np.flatnonzero(self.train.labels >= 0))
+        return SubsetTrainSet(self.train, self.labelled_indices())
 
 
 def _fraction(text):
@@ -843,12 +896,30 @@ def _caption_args(opts):
 
 def load_data(args, train_transform=None, test_transform=None):
     """Build the data the flags describe (see add_data_args). Transforms default to
-    default_transforms(): light RandomResizedCrop + CLIP normalisation."""
+    default_transforms(): the paper's light RandomResizedCrop + CLIP normalisation (synthetic images
+    are uint8 tensors, real ones PIL). Variants (--subset-frac, --subset-size, --freq-match,
+    --trim-tail) are applied in that order, then --extra-eval sets are attached."""
     opts = _data_options(args)
-    loaders = {"synthetic": _load_synthetic}
+    loaders = {"synthetic": _load_synthetic, "incaps": _load_incaps, "tsv": _load_tsv,
+               "imagefolder": _load_imagefolder, "cifar100-lt": _load_cifar100_lt}
     if opts.data not in loaders:
-        raise ValueError(f"--data {opts.data}: not implemented yet")
-    return loaders[opts.data](opts, train_transform, test_transform)
+        raise ValueError(f"--data must be one of {', '.join(loaders)}, got {opts.data!r}")
+    if opts.data != "synthetic" and opts.captions == "natural" and opts.data in ("imagefolder", "cifar100-lt"):
+        warnings.warn(f"--data {opts.data} has no captions; using template captions (--captions template)")
+        opts.captions = "template"
+    if opts.val_root and opts.data == "synthetic":
+        raise ValueError("--val-root is for real data; the synthetic world has its own balanced test split")
+    data = loaders[opts.data](opts, train_transform, test_transform)
+    data = apply_variants(data, opts)
+    size = opts.image_size or (32 if opts.data in ("synthetic", "cifar100-lt") else 224)
+    pil_test = test_transform if (test_transform and opts.data != "synthetic") else default_transforms(size, False)[1]
+    for spec in opts.extra_eval:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--extra-eval expects NAME=DIR, got {spec!r}")
+        data.extra_eval[name] = eval_image_folder(folder, data.classnames, data.imagenet_ids, pil_test,
+                                                  opts.max_bad_frac)
+    return data
 
 
 def _load_synthetic(opts, train_transform, test_transform):
@@ -891,5 +962,608 @@ def _load_synthetic(opts, train_transform, test_transform):
     return data
 
 
+# ============================================================================================
+# Real data: ImageNet-Captions, TSV, ImageFolder, CIFAR-100-LT
+# ============================================================================================
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+class _ImageFiles:
+    """Reads image files as RGB PIL images. An unreadable file is skipped (the next readable sample is
+    used instead), counted and reported; when more than max_bad_frac of the files turn out unreadable
+    the run stops. Counts are per process (each DataLoader worker counts the files it reads)."""
+
+    def _init_files(self, paths, max_bad_frac):
+        self.paths, self.max_bad_frac, self.bad = list(paths), float(max_bad_frac), set()
+
+    def _read(self, i):
+        """(index actually used, PIL image)."""
+        from PIL import Image
+
+        n = len(self.paths)
+        for k in range(n):
+            j = (i + k) % n
+            path = self.paths[j]
+            if path in self.bad:
+                continue
+            try:
+                with Image.open(path) as im:
+                    return j, im.convert("RGB")
+            except (OSError, ValueError) as e:  # missing, truncated, not an image
+                self.bad.add(path)
+                print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e}); "
+                      f"{len(self.bad)} unreadable so far", file=sys.stderr)
+                if len(self.bad) > self.max_bad_frac * n:
+                    raise RuntimeError(f"{len(self.bad)} of {n} images are unreadable, more than --max-bad-frac "
+                                       f"{self.max_bad_frac}; first: {sorted(self.bad)[0]}")
+        raise RuntimeError(f"none of the {n} images can be read")
+
+
+class FileTrainSet(CaptionedTrainSet, _ImageFiles):
+    """Training items from image files: (image, label, caption). captions[i] is the real caption (str),
+    the real IN-Caps fields (dict title/description/tags) or None (template captions only)."""
+
+    def __init__(self, paths, labels, concepts, real_captions, caption_args, transform, seed, max_bad_frac):
+        CaptionedTrainSet.__init__(self, labels, transform, seed)
+        self._init_files(paths, max_bad_frac)
+        self.concepts, self.real_captions, self.caption_args = concepts, real_captions, caption_args
+
+    def _caption(self, rng, i):
+        return build_caption(rng, self.concepts[i], real_fields=self.real_captions[i], **self.caption_args)
+
+    def __getitem__(self, i):
+        rng = sample_rng(self.seed, self.epoch, int(i))
+        j, image = self._read(int(i))
+        caption = self._caption(rng, j)
+        return apply_transform_seeded(self.transform, image, rng), int(self.labels[j]), caption
+
+
+class FileTestSet(Dataset, _ImageFiles):
+    """Test items (image, label) from image files."""
+
+    def __init__(self, paths, labels, transform, max_bad_frac):
+        self._init_files(paths, max_bad_frac)
+        self.labels, self.transform = np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        j, image = self._read(int(i))
+        return (self.transform(image) if self.transform else image), int(self.labels[j])
+
+
+class ArrayTrainSet(CaptionedTrainSet):
+    """Training items from an in-memory uint8 array [N, H, W, 3] (CIFAR), images as PIL."""
+
+    def __init__(self, array, labels, concepts, caption_args, transform, seed):
+        super().__init__(labels, transform, seed)
+        self.array, self.concepts, self.caption_args = array, concepts, caption_args
+
+    def _image(self, i):
+        from PIL import Image
+
+        return Image.fromarray(self.array[i])
+
+    def _caption(self, rng, i):
+        return build_caption(rng, self.concepts[i], **self.caption_args)
+
+
+class ArrayTestSet(Dataset):
+    def __init__(self, array, labels, transform):
+        self.array, self.labels, self.transform = array, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        image = Image.fromarray(self.array[int(i)])
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def _need_path(path, what):
+    if not path:
+        raise ValueError(f"{what} is required")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: no such file or directory: {path}")
+    return path
+
+
+def _class_lookup(classnames, imagenet_ids, synonyms=None):
+    """Folder-name / label-name key -> class index: wnids and ImageNet indices of ImageNet classes,
+    class names and synonyms (lower-case)."""
+    wnids = imagenet_wnids()
+    key = {}
+    for c, (name, iid) in enumerate(zip(classnames, imagenet_ids)):
+        for s in (synonyms[c] if synonyms else [name]):
+            key.setdefault(s.lower(), c)
+        key[name.lower()] = c
+        if iid >= 0:
+            key[wnids[iid]] = c
+    return key
+
+
+def _image_folder(root):
+    """[(folder name, [image paths])] of an ImageFolder layout root/<class>/<image>, sorted."""
+    _need_path(root, "image folder")
+    out = []
+    for d in sorted(os.listdir(root)):
+        full = os.path.join(root, d)
+        if os.path.isdir(full):
+            files = []
+            for dirpath, _, names in sorted(os.walk(full)):
+                files += [os.path.join(dirpath, f) for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+            out.append((d, files))
+    if not out:
+        raise ValueError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    return out
+
+
+def eval_image_folder(root, classnames, imagenet_ids, transform, max_bad_frac=0.01):
+    """An evaluation ImageFolder mapped onto the current classes. Folder names may be wnids (ImageNet
+    val), ImageNet class indices 0..999 (ImageNet-V2's layout) or class names; folders of classes that
+    are not evaluated are skipped (e.g. 1000-class ImageNet-V2 when evaluating ImageNet-100)."""
+    lookup = _class_lookup(classnames, imagenet_ids)
+    by_iid = {iid: c for c, iid in enumerate(imagenet_ids) if iid >= 0}
+    paths, labels, matched = [], [], 0
+    for folder, files in _image_folder(root):
+        if folder.isdigit() and by_iid:
+            c = by_iid.get(int(folder))
+        else:
+            c = lookup.get(folder) if folder in lookup else lookup.get(folder.lower().replace("_", " "))
+        if c is None:
+            continue
+        matched += 1
+        paths += files
+        labels += [c] * len(files)
+    if not paths:
+        raise ValueError(f"{root}: no folder matches the {len(classnames)} evaluated classes "
+                         f"(use wnids, ImageNet indices or class names as folder names)")
+    return FileTestSet(paths, labels, transform, max_bad_frac)
+
+
+def _imagenet_concepts(ids):
+    names, syns = imagenet_classnames(), imagenet_synonyms()
+    return {i: Concept(names[i], syns[i], []) for i in ids}
+
+
+def _real_test(opts, data_root, classnames, imagenet_ids, transform):
+    val = opts.val_root or (os.path.join(data_root, "val") if data_root and os.path.isdir(os.path.join(data_root, "val")) else None)
+    if not val:
+        raise ValueError(f"--data {opts.data} needs a test set: --val-root DIR (ImageFolder, wnid folders)"
+                         + (f" or {os.path.join(data_root, 'val')}" if data_root else ""))
+    _need_path(val, "--val-root")
+    return eval_image_folder(val, classnames, imagenet_ids, transform, opts.max_bad_frac)
+
+
+def _read_incaps_json(path):
+    """ImageNet-Captions entries: a JSON list, or JSON Lines, of {wnid, filename, title, description,
+    tags}. Returns [(where, entry)] with `where` naming the entry (line number for JSON Lines)."""
+    with open(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})")
+        rows = [(f"{path}: entry {k}", e) for k, e in enumerate(entries)]
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})")
+    for where, e in rows:
+        if not isinstance(e, dict) or not isinstance(e.get("wnid"), str) or not isinstance(e.get("filename"), str):
+            raise ValueError(f"{where}: expected an object with string 'wnid' and 'filename', got {str(e)[:80]!r}")
+    return rows
+
+
+def _load_incaps(opts, train_transform, test_transform):
+    """--data incaps --data-root DIR: DIR/imagenet_captions.json (or --train-file) and the ImageNet
+    training images DIR/train/<wnid>/<filename>; test set from --val-root or DIR/val."""
+    root = _need_path(opts.data_root, "--data-root")
+    json_path = _need_path(opts.train_file or os.path.join(root, "imagenet_captions.json"), "ImageNet-Captions json")
+    image_root = _need_path(os.path.join(root, "train"), "ImageNet train folder")
+    class_ids = select_classes(opts.classes, opts.data_seed)
+    wnid_to_id = {w: i for i, w in enumerate(imagenet_wnids())}
+    rows = _read_incaps_json(json_path)
+    for where, e in rows:
+        if e["wnid"] not in wnid_to_id:
+            raise ValueError(f"{where}: unknown wnid {e['wnid']!r} (not an ImageNet-1k class)")
+    present_others = sorted({wnid_to_id[e["wnid"]] for _, e in rows} - set(class_ids))
+    if not 0 <= opts.open_world <= len(present_others):
+        raise ValueError(f"--open-world must be in [0, {len(present_others)}] (other classes in {json_path})")
+    rng = np.random.default_rng([opts.data_seed, 11])
+    ow_ids = sorted(rng.choice(present_others, opts.open_world, replace=False).tolist()) if opts.open_world else []
+    label_of = {c: k for k, c in enumerate(class_ids)}
+    label_of.update({c: -1 for c in ow_ids})
+    concept_of = _imagenet_concepts(class_ids + ow_ids)
+    paths, labels, concepts, fields = [], [], [], []
+    for _, e in rows:
+        iid = wnid_to_id[e["wnid"]]
+        if iid not in label_of:
+            continue
+        tags = e.get("tags") or []
+        paths.append(os.path.join(image_root, e["wnid"], e["filename"]))
+        labels.append(label_of[iid])
+        concepts.append(concept_of[iid])
+        fields.append(dict(title=str(e.get("title") or ""), description=str(e.get("description") or ""),
+                           tags=" ".join(tags) if isinstance(tags, list) else str(tags)))
+    if not paths:
+        raise ValueError(f"{json_path}: no entry of the {len(class_ids)} classes of --classes {opts.classes}")
+    size = opts.image_size or 224
+    d_train, d_test = default_transforms(size, tensor_images=False)
+    names, syns = imagenet_classnames(), imagenet_synonyms()
+    classnames = [names[c] for c in class_ids]
+    train = FileTrainSet(paths, labels, concepts, fields, _caption_args(opts), train_transform or d_train,
+                         opts.data_seed, opts.max_bad_frac)
+    test = _real_test(opts, root, classnames, class_ids, test_transform or d_test)
+    return LongTailData(classnames=classnames, synonyms=[syns[c] for c in class_ids], imagenet_ids=list(class_ids),
+                        train_counts=_label_counts(labels, len(class_ids)), train=train, test=test,
+                        open_world_names=[names[c] for c in ow_ids], info=dict(data="incaps", json=json_path))
+
+
+def _label_counts(labels, num_classes):
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.int64)
+
+
+def _load_tsv(opts, train_transform, test_transform):
+    """--data tsv --train-file F: header row with columns filepath, label, caption (tab-separated;
+    a .csv file is comma-separated). label = index into the --classes list (for in1k: the ImageNet
+    class index) or a class name / WordNet synonym. Relative file paths are relative to --data-root,
+    else to the file's folder. Test set from --val-root."""
+    import csv
+
+    path = _need_path(opts.train_file, "--train-file")
+    base = opts.data_root or os.path.dirname(os.path.abspath(path))
+    class_ids = select_classes(opts.classes, opts.data_seed)
+    names, syns = imagenet_classnames(), imagenet_synonyms()
+    classnames, synonyms = [names[c] for c in class_ids], [syns[c] for c in class_ids]
+    by_name = {}
+    for c, ss in enumerate(synonyms):
+        for s in ss:
+            by_name.setdefault(s.lower(), c)
+    delimiter = "," if path.lower().endswith(".csv") else "\t"
+    concept_of = _imagenet_concepts(class_ids)
+    paths, labels, captions = [], [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        cols = [h.strip().lower() for h in header] if header else []
+        if not {"filepath", "label", "caption"} <= set(cols):
+            raise ValueError(f"{path}:1: the header must name the columns filepath, label, caption; got {header}")
+        fp_col, lab_col, cap_col = cols.index("filepath"), cols.index("label"), cols.index("caption")
+        for row in reader:
+            lineno = reader.line_num
+            if not row or not any(x.strip() for x in row):
+                continue
+            if len(row) != len(cols):
+                raise ValueError(f"{path}:{lineno}: expected {len(cols)} columns ({', '.join(cols)}), got {len(row)}")
+            raw = row[lab_col].strip()
+            if re.fullmatch(r"-?\d+", raw):
+                label = int(raw)
+                if not 0 <= label < len(class_ids):
+                    raise ValueError(f"{path}:{lineno}: label {label} outside the {len(class_ids)} classes of "
+                                     f"--classes {opts.classes} (valid 0..{len(class_ids) - 1})")
+            elif raw.lower() in by_name:
+                label = by_name[raw.lower()]
+            else:
+                raise ValueError(f"{path}:{lineno}: label {raw!r} is not a class of --classes {opts.classes}")
+            fp = row[fp_col].strip()
+            if not fp:
+                raise ValueError(f"{path}:{lineno}: empty filepath")
+            paths.append(fp if os.path.isabs(fp) else os.path.join(base, fp))
+            labels.append(label)
+            captions.append(row[cap_col])
+    if not paths:
+        raise ValueError(f"{path}: no data rows")
+    size = opts.image_size or 224
+    d_train, d_test = default_transforms(size, tensor_images=False)
+    train = FileTrainSet(paths, labels, [concept_of[class_ids[y]] for y in labels], captions, _caption_args(opts),
+                         train_transform or d_train, opts.data_seed, opts.max_bad_frac)
+    test = _real_test(opts, opts.data_root, classnames, class_ids, test_transform or d_test)
+    return LongTailData(classnames=classnames, synonyms=synonyms, imagenet_ids=list(class_ids),
+                        train_counts=_label_counts(labels, len(class_ids)), train=train, test=test,
+                        info=dict(data="tsv", train_file=path))
+
+
+def _load_imagefolder(opts, train_transform, test_transform):
+    """--data imagefolder --data-root DIR: training images DIR/train/<class>/* (or DIR/<class>/* when
+    there is no train/ folder); test from --val-root or DIR/val. Classes are the training folders;
+    wnid folder names get their ImageNet names, synonyms and ids (so the frozen heads apply)."""
+    root = _need_path(opts.data_root, "--data-root")
+    train_root = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    folders = _image_folder(train_root)
+    wnid_to_id = {w: i for i, w in enumerate(imagenet_wnids())}
+    names, syns = imagenet_classnames(), imagenet_synonyms()
+    classnames, synonyms, ids, paths, labels = [], [], [], [], []
+    for c, (folder, files) in enumerate(folders):
+        iid = wnid_to_id.get(folder, -1)
+        classnames.append(names[iid] if iid >= 0 else folder.replace("_", " "))
+        synonyms.append(syns[iid] if iid >= 0 else [classnames[-1]])
+        ids.append(iid)
+        paths += files
+        labels += [c] * len(files)
+    size = opts.image_size or 224
+    d_train, d_test = default_transforms(size, tensor_images=False)
+    concepts = [Concept(classnames[y], synonyms[y], []) for y in range(len(classnames))]
+    train = FileTrainSet(paths, labels, [concepts[y] for y in labels], [None] * len(paths), _caption_args(opts),
+                         train_transform or d_train, opts.data_seed, opts.max_bad_frac)
+    test = _real_test(opts, root, classnames, ids, test_transform or d_test)
+    return LongTailData(classnames=classnames, synonyms=synonyms, imagenet_ids=ids,
+                        train_counts=_label_counts(labels, len(classnames)), train=train, test=test,
+                        info=dict(data="imagefolder", root=train_root))
+
+
+def cifar_lt_counts(imbalance, num_classes=100, n_max=500):
+    """Exponential profile of CIFAR-100-LT (Cao et al., LDAM): n_c = n_max * imbalance^(-c/(C-1))."""
+    return np.array([int(n_max * imbalance ** (-c / (num_classes - 1))) for c in range(num_classes)], dtype=np.int64)
+
+
+def read_cifar100(root, split):
+    """(images uint8 [N,32,32,3], fine labels [N], class names) from torchvision's CIFAR-100 files
+    root/cifar-100-python/{train,test,meta} (python pickles). Read directly, without torchvision's md5
+    check, so that re-packed copies (and the tests' small fixtures) load too."""
+    import pickle
+
+    folder = os.path.join(root, "cifar-100-python")
+    out = []
+    for name in (split, "meta"):
+        path = _need_path(os.path.join(folder, name), "CIFAR-100 file")
+        try:
+            with open(path, "rb") as f:
+                out.append(pickle.load(f, encoding="latin1"))
+        except Exception as e:
+            raise ValueError(f"{path}: not a CIFAR-100 pickle ({type(e).__name__}: {e})")
+    entry, meta = out
+    try:
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+        names = list(meta["fine_label_names"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{folder}/{split}: malformed CIFAR-100 data ({type(e).__name__}: {e})")
+    if len(labels) != len(images) or (len(labels) and not 0 <= labels.min() <= labels.max() < len(names)):
+        raise ValueError(f"{folder}/{split}: {len(images)} images, {len(labels)} labels, labels outside 0..{len(names) - 1}")
+    return np.ascontiguousarray(images), labels, names
+
+
+def _load_cifar100_lt(opts, train_transform, test_transform):
+    """--data cifar100-lt --data-root DIR: torchvision's CIFAR-100 files (DIR/cifar-100-python/), never
+    downloaded; the training set is cut to the exponential profile with --imbalance (a seeded choice
+    of samples per class); the test set is CIFAR-100's balanced test split."""
+    root = _need_path(opts.data_root, "--data-root")
+    if opts.imbalance < 1:
+        raise ValueError(f"--imbalance must be >= 1, got {opts.imbalance}")
+    train_images, targets, names = read_cifar100(root, "train")
+    test_images, test_labels, _ = read_cifar100(root, "test")
+    classnames = [c.replace("_", " ") for c in names]
+    rng = np.random.default_rng([opts.data_seed, 13])
+    counts = cifar_lt_counts(opts.imbalance, len(classnames), int(np.bincount(targets).max()))
+    keep = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:n] for c, n in enumerate(counts)])
+    size = opts.image_size or 32
+    d_train, d_test = default_transforms(size, tensor_images=False)
+    concepts = [Concept(n, [n], []) for n in classnames]
+    train = ArrayTrainSet(train_images[keep], targets[keep], [concepts[y] for y in targets[keep]],
+                          _caption_args(opts), train_transform or d_train, opts.data_seed)
+    test = ArrayTestSet(test_images, test_labels, test_transform or d_test)
+    return LongTailData(classnames=classnames, synonyms=[[n] for n in classnames], imagenet_ids=[-1] * len(classnames),
+                        train_counts=_label_counts(targets[keep], len(classnames)), train=train, test=test,
+                        info=dict(data="cifar100-lt", imbalance=opts.imbalance))
+
+
+# ============================================================================================
+# Dataset variants (Sec. 3.4, 3.5, 4.1), deterministic from --data-seed
+# ============================================================================================
+
+def uniform_subset(labels, n_keep, rng):
+    """n_keep indices drawn uniformly without replacement, keeping every present class (label >= 0) at
+    least once (Sec. 3.5: fractions 1/2 ... 1/32 of the data)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels[labels >= 0])
+    if not len(classes) <= n_keep <= len(labels):
+        raise ValueError(f"subset size {n_keep} must be between {len(classes)} (one per class) and {len(labels)}")
+    perm = rng.permutation(len(labels))
+    first = {}
+    for i in perm:  # the first occurrence of each class in a random order: one random sample per class
+        if labels[i] >= 0 and labels[i] not in first:
+            first[labels[i]] = i
+    chosen = np.fromiter(first.values(), dtype=np.int64)
+    rest = perm[~np.isin(perm, chosen)][: n_keep - len(chosen)]
+    return np.sort(np.concatenate([chosen, rest]))
+
+
+def frequency_matched_subset(labels, target, rng):
+    """Resample to the class frequencies `target` [C] (the '=freq' variant, Sec. 3.4): class c keeps
+    round(target_c / sum(target) * n_labelled) random samples, capped at what it has. Open-world samples
+    (label -1) are kept."""
+    labels = np.asarray(labels)
+    t = np.asarray(target, dtype=np.float64)
+    want = np.round(t / t.sum() * (labels >= 0).sum()).astype(np.int64)
+    keep = [np.flatnonzero(labels < 0)]
+    for c, n in enumerate(want):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.permutation(idx)[: min(n, len(idx))])
+    return np.sort(np.concatenate(keep))
+
+
+def trim_tail(labels, counts, k, shots, rng):
+    """Cut the k least frequent classes to exactly `shots` samples each (Sec. 4.1, one-shot / zero-shot
+    tails). Ties in frequency are broken by a seeded random order. Returns (kept indices, tail classes)."""
+    labels, counts = np.asarray(labels), np.asarray(counts)
+    if not 0 < k <= len(counts):
+        raise ValueError(f"--trim-tail must be in [1, {len(counts)}], got {k}")
+    tie = rng.permutation(len(counts))
+    tail = np.lexsort((tie, counts))[:k]  # sort by count, then by the random tie-break
+    short = [int(c) for c in tail if counts[c] < shots]
+    if short:
+        raise ValueError(f"--tail-shots {shots}: classes {short[:5]} have fewer samples than that")
+    keep = [np.flatnonzero(~np.isin(labels, tail))]
+    for c in tail:
+        keep.append(rng.permutation(np.flatnonzero(labels == c))[:shots])
+    return np.sort(np.concatenate(keep)), np.sort(tail)
+
+
+def apply_variants(data, opts):
+    """Apply --subset-frac / --subset-size, --freq-match and --trim-tail to data.train (in that order)."""
+    labels = data.train.labels
+    idx = np.arange(len(labels))
+    rng = np.random.default_rng([opts.data_seed, 17])
+    if opts.subset_size is not None or opts.subset_frac < 1:
+        n_keep = opts.subset_size if opts.subset_size is not None else int(round(opts.subset_frac * len(idx)))
+        idx = idx[uniform_subset(labels[idx], n_keep, rng)]
+    if opts.freq_match:
+        target = frequency_profile(opts.freq_match, data.imagenet_ids) if min(data.imagenet_ids) >= 0 else None
+        if target is None:
+            raise ValueError("--freq-match needs ImageNet classes")
+        idx = idx[frequency_matched_subset(labels[idx], target, rng)]
+    tail = None
+    if opts.trim_tail:
+        sub, tail = trim_tail(labels[idx], _label_counts(labels[idx], len(data.classnames)), opts.trim_tail,
+                              opts.tail_shots, rng)
+        idx = idx[sub]
+    if len(idx) == len(labels):
+        return data
+    data.train = SubsetTrainSet(data.train, idx)
+    data.train_counts = _label_counts(data.train.labels, len(data.classnames))
+    data.tail_classes = tail
+    data.info.update(subset_frac=opts.subset_frac, subset_size=opts.subset_size, freq_match=opts.freq_match,
+                     trim_tail=opts.trim_tail, tail_shots=opts.tail_shots if opts.trim_tail else None)
+    if tail is not None:  # the new frequency table, next to the cached data (Sec. 4.1)
+        key = hashlib.sha256(json.dumps([data.info, opts.data_seed], sort_keys=True, default=str).encode()).hexdigest()[:20]
+        folder = os.path.expanduser(opts.cache_dir)
+        os.makedirs(folder, exist_ok=True)
+        data.freq_table_path = os.path.join(folder, f"class_frequency_trim{opts.trim_tail}_shots{opts.tail_shots}_{key}.txt")
+        write_frequency_table(data.freq_table_path, data.classnames, data.train_counts)
+    return data
+
+
+# ============================================================================================
+# Class-frequency estimation over captions (Appx. B.2)
+# ============================================================================================
+
+_IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "feet": "foot", "teeth": "tooth",
+                      "geese": "goose", "mice": "mouse", "lice": "louse", "oxen": "ox", "people": "person",
+                      "dice": "die", "knives": "knife", "wives": "wife", "lives": "life", "leaves": "leaf",
+                      "cacti": "cactus", "fungi": "fungus", "octopi": "octopus", "indices": "index"}
+_UNCHANGED = {"species", "series", "sheep", "deer", "fish", "moose", "bison", "swine", "aircraft", "news",
+              "glasses", "pants", "jeans", "shorts", "scissors", "trousers"}
+
+
+def lemmatize_noun(word):
+    """A tiny noun lemmatiser (plural -> singular) standing in for WordNet's: irregular forms, then
+    -ies -> -y, -ves -> -f, -(s|x|z|ch|sh)es -> drop 'es', -s -> drop 's' (not -ss/-us/-is)."""
+    w = word.lower()
+    if w in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[w]
+    if w in _UNCHANGED or len(w) <= 3:
+        return w
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith("ves"):
+        return w[:-3] + "f"
+    if w.endswith(("sses", "xes", "zes", "ches", "shes")):
+        return w[:-2]
+    if w.endswith("s") and not w.endswith(("ss", "us", "is")):
+        return w[:-1]
+    return w
+
+
+def caption_words(text):
+    """Lower-case, non-alphanumerics to spaces, nouns lemmatised: the set of words of a caption."""
+    return {lemmatize_noun(w) for w in re.sub(r"[^0-9a-z]+", " ", text.lower()).split()}
+
+
+def estimate_class_frequency(captions, classnames, synonyms, negatives=None):
+    """Count the captions that mention each class (Appx. B.2): a caption matches a class when all the
+    words of any of its synonyms occur in the caption (set-level, order-free, after lemmatising), and
+    none of the class's negative words does. A caption may match several classes.
+
+    negatives: {class index or class name: [words]} (words that signal a different sense, e.g.
+    'crane' the bird vs 'construction'). Returns (counts int64 [C], matched class lists per caption)."""
+    C = len(classnames)
+    neg = [set() for _ in range(C)]
+    name_pos = {n: c for c, n in enumerate(classnames)}
+    for key, words in (negatives or {}).items():
+        c = name_pos.get(key, key)
+        if not isinstance(c, int) or not 0 <= c < C:
+            raise ValueError(f"negatives: unknown class {key!r}")
+        neg[c] |= {lemmatize_noun(w) for w in words}
+    # index every synonym by one of its words, so a caption only checks synonyms it might contain
+    by_word = {}
+    for c in range(C):
+        for syn in set([classnames[c]] + list(synonyms[c])):
+            words = frozenset(caption_words(syn))
+            if words:
+                by_word.setdefault(min(words), []).append((c, words))
+    counts = np.zeros(C, dtype=np.int64)
+    matches = []
+    for text in captions:
+        words = caption_words(text)
+        found = set()
+        for w in words:
+            for c, syn_words in by_word.get(w, ()):
+                if c not in found and syn_words <= words and not (neg[c] & words):
+                    found.add(c)
+        found = sorted(found)
+        counts[found] += 1
+        matches.append(found)
+    return counts, matches
+
+
+def _read_caption_file(path):
+    """Captions from a text file (one a line), or from the 'caption' column of a .tsv/.csv with header."""
+    import csv
+
+    _need_path(path, "caption file")
+    if path.lower().endswith((".tsv", ".csv")):
+        with open(path, newline="") as f:
+            reader = csv.reader(f, delimiter="," if path.lower().endswith(".csv") else "\t")
+            header = [h.strip().lower() for h in next(reader, [])]
+            if "caption" not in header:
+                raise ValueError(f"{path}:1: no 'caption' column in the header {header}")
+            col = header.index("caption")
+            return [row[col] for row in reader if len(row) > col]
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def count_freq_main(argv):
+    """python data.py count-freq FILE --classes in100|in1k [--negatives JSON] [--out F]"""
+    p = argparse.ArgumentParser(prog="data.py count-freq", description="Class frequencies of captions (Appx. B.2)")
+    p.add_argument("file", help="captions: a text file (one a line) or a .tsv/.csv with a 'caption' column")
+    p.add_argument("--classes", default="in1k", help="in100, in1k or rand<K>")
+    p.add_argument("--negatives", default=None, help="JSON file {classname: [negative words]}")
+    p.add_argument("--out", default=None, help="write 'classname<TAB>count' lines here (default: stdout)")
+    a = p.parse_args(argv)
+    ids = select_classes(a.classes)
+    names, syns = imagenet_classnames(), imagenet_synonyms()
+    negatives = None
+    if a.negatives:
+        with open(_need_path(a.negatives, "--negatives")) as f:
+            negatives = json.load(f)
+    counts, matches = estimate_class_frequency(_read_caption_file(a.file), [names[i] for i in ids],
+                                               [syns[i] for i in ids], negatives)
+    lines = "".join(f"{names[i]}\t{c}\n" for i, c in zip(ids, counts))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(lines)
+        print(f"{len(matches)} captions, {sum(1 for m in matches if m)} matched a class; wrote {a.out}")
+    else:
+        sys.stdout.write(lines)
+
+
 if __name__ == "__main__":
-    pass
+    try:
+        if len(sys.argv) >= 2 and sys.argv[1] == "count-freq":
+            count_freq_main(sys.argv[2:])
+        else:
+            sys.exit("usage: python data.py count-freq FILE --classes in100|in1k [--negatives JSON] [--out F]")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"data.py: error: {e}")
