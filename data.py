@@ -43,18 +43,32 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "clip-beyond
 _cache = {}
 
 
+def _zero_shot_metadata():
+    """open_clip's zero_shot_metadata module (ImageNet class names, the 80 CLIP templates), loaded from
+    its file: it imports nothing, while `import open_clip` pulls in the whole model zoo (seconds)."""
+    if "zsm" not in _cache:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("open_clip")
+            path = os.path.join(os.path.dirname(spec.origin), "zero_shot_metadata.py")
+            mod_spec = importlib.util.spec_from_file_location("_open_clip_zero_shot_metadata", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        except Exception:  # an unusual install: fall back to the normal import
+            from open_clip import zero_shot_metadata as module
+        _cache["zsm"] = module
+    return _cache["zsm"]
+
+
 def imagenet_classnames():
     """The 1,000 ImageNet class names (CLIP's curated names), in class-index order."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES)
+    return list(_zero_shot_metadata().IMAGENET_CLASSNAMES)
 
 
 def caption_templates():
     """The 80 CLIP prompt templates (callables name -> sentence)."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return list(OPENAI_IMAGENET_TEMPLATES)
+    return list(_zero_shot_metadata().OPENAI_IMAGENET_TEMPLATES)
 
 
 def _synsets():
@@ -538,7 +552,7 @@ class Concept:
 
 def template_caption(rng, name):
     """One of the 80 CLIP templates filled with `name` (Sec. 3.2, template-based captions)."""
-    templates = caption_templates()
+    templates = _zero_shot_metadata().OPENAI_IMAGENET_TEMPLATES
     return templates[int(rng.integers(len(templates)))](name)
 
 
@@ -1558,6 +1572,298 @@ def count_freq_main(argv):
     else:
         sys.stdout.write(lines)
 
+# ==== Run plumbing shared by the experiment scripts ====
+# Process groups, deterministic global batches, atomic checkpoints and the run directory. The three
+# scripts share this so that two promises hold for all of them in the same way: N processes with the same
+# global batch give the numbers one process gives (up to reduction order), and --resume continues
+# exactly where an uninterrupted run would be.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device="auto"):
+    """One process, or one of N under torchrun: NCCL on GPUs, gloo on CPUs."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def close_distributed():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients too: every rank's loss depends on the global sum."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class _AllReduceBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm over the global batch for CPU process groups (torch's SyncBatchNorm is GPU-only).
+
+    Without it each rank would normalise with its own half-batch statistics, and a 2-process run would
+    train a different model than the 1-process run with the same global batch.
+    """
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:-1] / n
+        centred = x - mean[None, :, None, None]
+        var = _AllReduceSum.apply(centred.pow(2).sum(dims)) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        return out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def sync_batchnorm(model, dist):
+    """Make every BatchNorm normalise over the global batch when there are several processes."""
+    if dist.world_size == 1:
+        return model
+    if dist.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            bn = _AllReduceBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats, device=child.running_mean.device,
+                                       dtype=child.running_mean.dtype)
+            bn.load_state_dict(child.state_dict())
+            setattr(model, name, bn)
+        else:
+            sync_batchnorm(child, dist)
+    return model
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of each global batch, from one permutation per epoch that every rank draws alike.
+
+    Global batch t is perm[t*B:(t+1)*B] whatever the number of processes, and rank r takes its r-th
+    contiguous slice, so the union over ranks is exactly the one-process batch. Incomplete last batches
+    are dropped.
+    """
+
+    def __init__(self, indices, global_batch, dist, seed, epoch=0):
+        if global_batch % dist.world_size:
+            raise ValueError(f"--batch-size {global_batch} is not divisible by the {dist.world_size} processes")
+        if len(indices) < global_batch:
+            raise ValueError(f"--batch-size {global_batch} is larger than the {len(indices)} training samples")
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.global_batch, self.dist, self.seed, self.epoch = global_batch, dist, seed, epoch
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.indices) // self.global_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = self.indices[torch.randperm(len(self.indices), generator=g)]
+        local = self.global_batch // self.dist.world_size
+        for t in range(len(self)):
+            start = t * self.global_batch + self.dist.rank * local
+            yield perm[start:start + local].tolist()
+
+
+def train_loader(dataset, global_batch, dist, seed, epoch=0, workers=0, indices=None, collate_fn=None):
+    """DataLoader over `indices` (default: all of `dataset`) yielding this rank's part of each global batch."""
+    if indices is None:
+        indices = range(len(dataset))
+    sampler = GlobalBatchSampler(list(indices), global_batch, dist, seed, epoch)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                        collate_fn=collate_fn, persistent_workers=False,
+                                        pin_memory=dist.device.type == "cuda")
+
+
+def eval_loader(dataset, batch_size, dist, workers=0, collate_fn=None):
+    """Loader over this rank's strided shard of `dataset`; `loader.shard` lists the dataset indices it covers."""
+    shard = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
+                                          shuffle=False, num_workers=workers, collate_fn=collate_fn,
+                                          pin_memory=dist.device.type == "cuda")
+    loader.shard = shard
+    return loader
+
+
+def all_gather_cat(tensor, dist):
+    """Concatenate a tensor (any length along dim 0) from all ranks, in rank order, on every rank."""
+    if dist.world_size == 1:
+        return tensor
+    device = dist.device if dist.device.type == "cuda" else torch.device("cpu")
+    tensor = tensor.to(device).contiguous()
+    n = torch.tensor([tensor.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def gather_eval(shard, dist, *tensors):
+    """Gather per-sample eval tensors from every rank's shard and put them back in dataset order."""
+    order = all_gather_cat(torch.as_tensor(shard, dtype=torch.long), dist).cpu()
+    inverse = torch.argsort(order)
+    return tuple(all_gather_cat(t, dist).cpu()[inverse] for t in tensors)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write(path, write):
+    """Write through a temporary file and rename, so a kill mid-write never leaves a torn file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a torn or foreign file: say which one
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+    atomic_write(path, write)
+
+
+class RunDir:
+    """runs/<name>/: args.json, log.jsonl (one line per epoch), checkpoint.pt; rank 0 writes.
+
+    A directory that already holds a checkpoint is only reused with --resume, so a typo in --out never
+    overwrites a finished run.
+    """
+
+    def __init__(self, out, args, dist, resume=False):
+        self.out, self.dist = out, dist
+        self.checkpoint = os.path.join(out, "checkpoint.pt")
+        self.log_path = os.path.join(out, "log.jsonl")
+        if os.path.exists(self.checkpoint) and not resume:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if dist.is_main:
+            os.makedirs(out, exist_ok=True)
+            write_json(os.path.join(out, "args.json"), vars(args))
+
+    def resume_state(self, map_location="cpu"):
+        """The saved state if there is one (else None); log lines past the saved epoch are dropped."""
+        if not os.path.exists(self.checkpoint):
+            return None
+        state = load_checkpoint(self.checkpoint, map_location)
+        if self.dist.is_main and os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < state["epoch"]]
+            atomic_write(self.log_path, lambda tmp: open(tmp, "w").writelines(kept))
+        return state
+
+    def save(self, state):
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint, state)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def log_epoch(self, record):
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+
+def check_finite(loss, epoch, step):
+    """Stop on a NaN/inf loss before the optimizer step can spoil the weights (the last checkpoint stays)."""
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}; the last good "
+                                 "checkpoint is kept, lower --lr or check the data")
+
+
+def run_cli(main):
+    """Run a script's main(); bad input (ValueError, FileNotFoundError, NaN loss) ends in one line, exit 2.
+
+    Set CLIP_TAIL_DEBUG=1 to see the full traceback instead.
+    """
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("CLIP_TAIL_DEBUG"):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        close_distributed()
 
 if __name__ == "__main__":
     try:
