@@ -1,0 +1,65 @@
+// Shared helpers of the proto_ce kernels (CPU and CUDA).
+//
+// The op family lives in the torch.library namespace `proto_ce`; schemas are in ops.cpp, the CPU kernels
+// in *_cpu.cpp, the CUDA kernels in *_cuda.cu. A new op adds its schema to ops.cpp and its kernels in new
+// files with their own TORCH_LIBRARY_IMPL(proto_ce, CPU/CUDA, m) blocks; setup.py and proto_ce.py build
+// every csrc/*.cpp (and csrc/*.cu where CUDA is compiled).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+namespace proto_ce {
+
+// How many prototype columns one chunk holds. `bytes_per_col` is the working memory one column of a
+// chunk costs; the chunk is sized to `budget_bytes`, rounded down to a multiple of `align` when larger.
+// PROTO_CE_CHUNK_COLS=<n> overrides it (the tests use tiny chunks to exercise the chunk boundaries).
+inline int64_t chunk_cols(int64_t V, int64_t bytes_per_col, int64_t budget_bytes, int64_t align) {
+  if (const char* env = std::getenv("PROTO_CE_CHUNK_COLS")) {
+    const long long forced = std::atoll(env);
+    if (forced > 0) return std::min<int64_t>(V, forced);
+  }
+  int64_t cols = budget_bytes / std::max<int64_t>(bytes_per_col, 1);
+  if (cols >= 2 * align) cols -= cols % align;
+  return std::max<int64_t>(1, std::min<int64_t>(V, cols));
+}
+
+// Accumulation dtype: float64 for float64 inputs, float32 for everything else (fp32/fp16/bf16).
+// The per-sample loss and the saved log-sum-exp are returned in it.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Argument checks of the kernels. proto_ce.py validates user input first with friendlier messages; these
+// guard direct torch.ops.proto_ce calls. All raise ValueError in Python (TORCH_CHECK_VALUE).
+inline void check_label_args(const at::Tensor& idx, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong,
+                    "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.scalar_type() == at::kLong, "proto_ce: labels must be a 1-d int64 tensor, got ",
+                    labels.dim(), "-d ", labels.scalar_type());
+  TORCH_CHECK_VALUE(idx.numel() > 0, "proto_ce: idx is empty (V == 0); sample at least one prototype");
+  TORCH_CHECK_VALUE(idx.device() == labels.device(), "proto_ce: idx is on ", idx.device(), " but labels on ",
+                    labels.device());
+}
+
+inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx,
+                              const at::Tensor& target_pos, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+                    "proto_ce: x [B, D] and w [K, D] must be 2-d with the same D");
+  TORCH_CHECK_VALUE(x.scalar_type() == w.scalar_type(), "proto_ce: x and w must have the same dtype");
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() > 0,
+                    "proto_ce: idx must be a non-empty 1-d int64 tensor");
+  TORCH_CHECK_VALUE(target_pos.dim() == 1 && target_pos.scalar_type() == at::kLong &&
+                        target_pos.numel() == x.size(0) && x.size(0) > 0,
+                    "proto_ce: target_pos must be a 1-d int64 tensor with one entry per row of x (B > 0)");
+  TORCH_CHECK_VALUE(scale.dim() == 0, "proto_ce: scale must be a 0-d tensor");
+  for (const at::Tensor* t : {&w, &idx, &target_pos, &scale}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "proto_ce: all inputs must be on one device (x is on ",
+                      x.device(), ", another input on ", t->device(), ")");
+  }
+}
+
+}  // namespace proto_ce

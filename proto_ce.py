@@ -1,0 +1,365 @@
+"""Cross-entropy over a subset of class prototypes, fused: the one Python face of csrc/.
+
+    proto_cross_entropy(x, w, idx, labels, logit_scale)
+        == F.cross_entropy(logit_scale * x @ w[idx].T, position of each label in idx)
+
+This is the loss of vocabulary subsampling (Wen et al., NeurIPS 2024, Sec. 3.3 and 4.1): each iteration
+scores the batch only against a sampled subset `idx` of the K class prototypes `w` (the classes of the
+batch plus random others), which is what makes supervised learning behave like CLIP's per-batch text
+vocabulary. The fused op never builds the [B, K] logits, and its kernels never hold [B, V] either: V is
+processed in chunks with an online log-sum-exp (CPU: csrc/proto_ce_cpu.cpp, CUDA: csrc/proto_ce_cuda.cu).
+
+Inputs: x [B, D] (l2-normalised by the caller), w [K, D] (same dtype and device), idx [V] int64 sorted
+unique class ids, labels [B] int64 ORIGINAL class ids (each must be in idx), logit_scale a 0-d floating
+tensor (already exp'd / clamped by the caller). Gradients flow to x, to the idx rows of w (all other rows
+get exactly zero) and to logit_scale. The loss is returned in float32 for float32/float16/bfloat16 inputs
+and in float64 for float64 inputs. Bad input raises a one-line ValueError naming the problem.
+
+Backends, chosen once at import:
+  1. a prebuilt extension `_proto_ce_ext` (``pip install --no-build-isolation .`` or
+     ``python setup.py build_ext --inplace``), if it was built from the current csrc/ sources and, where a
+     GPU is visible and nvcc is available, has the CUDA kernels;
+  2. otherwise a JIT build of csrc/ with torch.utils.cpp_extension (ninja), cached (see below); the CUDA
+     sources are compiled too when torch.cuda.is_available() and nvcc is found;
+  3. otherwise the pure-PyTorch reference `reference_proto_cross_entropy`, with one warning.
+`backend()` says which one a device uses: "extension-cpu", "extension-cuda" or "reference".
+
+Environment variables:
+  PROTO_CE_BACKEND   auto (default) | extension (fail instead of falling back) | reference (never load
+                     the extension)
+  PROTO_CE_BUILD_DIR where JIT builds are cached; default $TORCH_EXTENSIONS_DIR/clip-beyond-tail if
+                     TORCH_EXTENSIONS_DIR is set, else ~/.cache/clip-beyond-tail/ext. Each build lives in a
+                     folder named after a hash of the sources, torch/CUDA/Python versions and flags, so a
+                     changed source never reuses a stale build.
+  PROTO_CE_VERBOSE=1 show the compiler output of a JIT build
+  PROTO_CE_CHUNK_COLS=n  force n prototype columns per chunk (tests and tuning; default: sized to cache)
+  MAX_JOBS, TORCH_CUDA_ARCH_LIST, CUDA_HOME are honoured as by torch.utils.cpp_extension.
+Several processes importing this module at once (torchrun) share one build: torch's file lock in the
+build folder lets one compile while the others wait, and a finished build is loaded without rebuilding.
+"""
+import glob
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["proto_cross_entropy", "reference_proto_cross_entropy", "backend"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.join(_HERE, "csrc")
+_PREBUILT = "_proto_ce_ext"
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+
+def proto_cross_entropy(x, w, idx, labels, logit_scale, reduction="mean"):
+    """Cross-entropy of `logit_scale * x @ w[idx].T` against the positions of `labels` in `idx`.
+
+    x [B, D], w [K, D], idx [V] int64 sorted unique, labels [B] int64 class ids (all in idx), logit_scale
+    0-d. reduction: "mean" | "sum" | "none" (per-sample losses [B]). Uses the compiled kernels where
+    available (see backend()), else the reference.
+    """
+    _check_inputs(x, w, idx, labels, logit_scale, reduction)
+    if not _extension_handles(x.device):
+        return reference_proto_cross_entropy(x, w, idx, labels, logit_scale, reduction)
+    target_pos = torch.ops.proto_ce.label_positions(idx, labels, w.shape[0])
+    loss, _ = torch.ops.proto_ce.xent_forward(x, w, idx, target_pos, logit_scale)
+    return _reduce(loss, reduction)
+
+
+def reference_proto_cross_entropy(x, w, idx, labels, logit_scale, reduction="mean"):
+    """The same loss in plain PyTorch (materialises [B, V]); the tests' oracle and the fallback."""
+    _check_inputs(x, w, idx, labels, logit_scale, reduction)
+    target_pos = _label_positions_reference(idx, labels, w.shape[0])
+    return reference_loss_from_positions(x, w, idx, target_pos, logit_scale, reduction)
+
+
+def reference_loss_from_positions(x, w, idx, target_pos, logit_scale, reduction="mean"):
+    """The eager computation itself, with target positions already known and no input checks.
+
+    The matmul runs in the input dtype and the cross-entropy in float32 (float64 for float64 inputs),
+    as under autocast. The benchmark uses this as the eager / torch.compile baseline.
+    """
+    acc = _acc_dtype(x.dtype)
+    logits = logit_scale.to(acc) * (x @ w.index_select(0, idx).T).to(acc)
+    return F.cross_entropy(logits, target_pos, reduction=reduction)
+
+
+def backend(device=None):
+    """Which implementation proto_cross_entropy uses for tensors on `device`.
+
+    "extension-cpu", "extension-cuda" or "reference". device defaults to "cuda" when a GPU is
+    available, else "cpu".
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return f"extension-{device.type}" if _extension_handles(device) else "reference"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks (shared by the op and the reference; one-line ValueErrors)
+# ---------------------------------------------------------------------------------------------------
+
+def _check_inputs(x, w, idx, labels, logit_scale, reduction):
+    names = ("x", "w", "idx", "labels", "logit_scale")
+    tensors = (x, w, idx, labels, logit_scale)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"proto_ce: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"proto_ce: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if x.dim() != 2:
+        raise ValueError(f"proto_ce: x must be 2-d [B, D], got shape {tuple(x.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"proto_ce: w must be 2-d [K, D], got shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"proto_ce: x has D={x.shape[1]} but w has D={w.shape[1]}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"proto_ce: x must be float16/bfloat16/float32/float64, got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"proto_ce: x is {x.dtype} but w is {w.dtype}; cast both to one dtype")
+    if idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"proto_ce: idx must be a 1-d int64 tensor, got {idx.dim()}-d {idx.dtype}")
+    if labels.dim() != 1 or labels.dtype != torch.int64:
+        raise ValueError(f"proto_ce: labels must be a 1-d int64 tensor, got {labels.dim()}-d {labels.dtype}")
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"proto_ce: labels has {labels.shape[0]} entries but x has B={x.shape[0]} rows")
+    if logit_scale.dim() != 0:
+        raise ValueError(f"proto_ce: logit_scale must be a 0-d tensor, got shape {tuple(logit_scale.shape)}")
+    if not logit_scale.is_floating_point():
+        raise ValueError(f"proto_ce: logit_scale must be a floating tensor, got {logit_scale.dtype}")
+    if any(t.device != x.device for t in tensors):
+        where = ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors))
+        raise ValueError(f"proto_ce: all inputs must be on one device, got {where}")
+    if x.shape[0] == 0:
+        raise ValueError("proto_ce: empty batch (B == 0)")
+    if x.shape[1] == 0:
+        raise ValueError("proto_ce: x and w have no features (D == 0)")
+    if idx.shape[0] == 0:
+        raise ValueError("proto_ce: idx is empty (V == 0); sample at least one prototype")
+
+
+def _label_positions_reference(idx, labels, num_classes):
+    """Positions of labels in idx, with the checks of the C++ op (label_positions) in plain PyTorch."""
+    bad = (idx < 0) | (idx >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"proto_ce: idx contains class id {int(idx[bad][0])} outside [0, {num_classes}) "
+                         f"(w has {num_classes} rows)")
+    step = idx[1:] - idx[:-1]
+    if bool((step == 0).any()):
+        i = int((step == 0).nonzero()[0]) + 1
+        raise ValueError(f"proto_ce: idx contains duplicate class id {int(idx[i])} (idx must be sorted and unique)")
+    if bool((step < 0).any()):
+        i = int((step < 0).nonzero()[0]) + 1
+        raise ValueError(f"proto_ce: idx is not sorted (idx[{i - 1}]={int(idx[i - 1])} > idx[{i}]={int(idx[i])}); "
+                         "use torch.sort or torch.unique")
+    pos = torch.searchsorted(idx, labels)
+    found = idx[pos.clamp(max=idx.shape[0] - 1)] == labels
+    if not bool(found.all()):
+        b = int((~found).nonzero()[0])
+        raise ValueError(f"proto_ce: labels contain class id {int(labels[b])} (labels[{b}]) which is not in idx; "
+                         "every label must be a sampled class")
+    return pos
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python side of the torch.library registration: fake (meta) kernels and autograd
+# ---------------------------------------------------------------------------------------------------
+
+def _register_python_side():
+    @torch.library.register_fake("proto_ce::label_positions")
+    def _label_positions_fake(idx, labels, num_classes):
+        return labels.new_empty(labels.shape)
+
+    @torch.library.register_fake("proto_ce::xent_forward")
+    def _xent_forward_fake(x, w, idx, target_pos, scale):
+        acc = _acc_dtype(x.dtype)
+        return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
+
+    @torch.library.register_fake("proto_ce::xent_backward")
+    def _xent_backward_fake(grad_loss, x, w, idx, target_pos, scale, lse, need_x, need_w, need_scale):
+        return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+                w.new_empty(w.shape) if need_w else w.new_empty((0,)),
+                scale.new_empty(()) if need_scale else scale.new_empty((0,)))
+
+    def setup_context(ctx, inputs, output):
+        x, w, idx, target_pos, scale = inputs
+        _, lse = output
+        ctx.save_for_backward(x, w, idx, target_pos, scale, lse)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_loss, _grad_lse):
+        x, w, idx, target_pos, scale, lse = ctx.saved_tensors
+        need_x, need_w, _, _, need_scale = ctx.needs_input_grad
+        grad_x, grad_w, grad_scale = torch.ops.proto_ce.xent_backward(
+            grad_loss, x, w, idx, target_pos, scale, lse, need_x, need_w, need_scale)
+        return (grad_x if need_x else None, grad_w if need_w else None, None, None,
+                grad_scale if need_scale else None)
+
+    torch.library.register_autograd("proto_ce::xent_forward", backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loader: prebuilt extension -> cached JIT build -> reference
+# ---------------------------------------------------------------------------------------------------
+
+class _Loaded:
+    where = None        # what was loaded (for messages), None when the reference is used
+    has_cuda = False    # whether the loaded library registered CUDA kernels
+
+
+_LOADED = _Loaded()
+
+
+def _extension_handles(device):
+    if _LOADED.where is None:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and _LOADED.has_cuda)
+
+
+def _csrc_files(with_cuda):
+    patterns = ("*.cpp", "*.cu") if with_cuda else ("*.cpp",)
+    return sorted(f for p in patterns for f in glob.glob(os.path.join(_CSRC, p)))
+
+
+def _sources_hash():
+    """Hash of csrc/ (sources and headers). setup.py computes the same (keep the two in sync)."""
+    digest = hashlib.sha256()
+    for path in sorted(f for p in ("*.cpp", "*.cu", "*.h", "*.cuh") for f in glob.glob(os.path.join(_CSRC, p))):
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _prebuilt_info(path):
+    """The PROTO_CE_BUILD_INFO[...] record compiled into a prebuilt library, read from the file."""
+    with open(path, "rb") as f:
+        match = re.search(rb"PROTO_CE_BUILD_INFO\[sources=(\w+);cuda=(\d)\]", f.read())
+    return (match.group(1).decode(), match.group(2) == b"1") if match else (None, False)
+
+
+def _nvcc_found():
+    from torch.utils import cpp_extension
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _build_root():
+    if os.environ.get("PROTO_CE_BUILD_DIR"):
+        return os.environ["PROTO_CE_BUILD_DIR"]
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "clip-beyond-tail")
+    return os.path.join(os.path.expanduser("~"), ".cache", "clip-beyond-tail", "ext")
+
+
+def _jit_build(with_cuda):
+    """Compile csrc/ with ninja into the cache (once) and load it; returns the library path."""
+    from torch.utils import cpp_extension
+    sources = _csrc_files(with_cuda)
+    if not sources:
+        raise FileNotFoundError(f"no C++ sources in {_CSRC}")
+    source_hash = _sources_hash()
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    key = "|".join([source_hash, torch.__version__, str(torch.version.cuda), sys.version, arch])
+    name = f"proto_ce_{'cuda' if with_cuda else 'cpu'}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    build_dir = os.path.join(_build_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    library = os.path.join(build_dir, name + ".so")
+    lock = os.path.join(build_dir, "lock")  # torch's FileBaton: present while a process is building
+    if os.path.exists(library) and not os.path.exists(lock):
+        torch.ops.load_library(library)
+        return library
+    if os.path.exists(lock):
+        print(f"proto_ce: waiting for another process compiling the extension in {build_dir} "
+              f"(if none is running, delete {lock})", file=sys.stderr, flush=True)
+    else:
+        print(f"proto_ce: compiling the C++{' and CUDA' if with_cuda else ''} kernels into {build_dir} "
+              "(first use only; a few minutes)...", file=sys.stderr, flush=True)
+    flags = ["-O3", f"-DPROTO_CE_SOURCES_HASH={source_hash}"] + (["-DPROTO_CE_WITH_CUDA"] if with_cuda else [])
+    cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_cuda_cflags=flags,
+                       build_directory=build_dir, with_cuda=with_cuda, is_python_module=False,
+                       verbose=os.environ.get("PROTO_CE_VERBOSE") == "1")
+    return library
+
+
+def _short_reason(error):
+    """One line out of a (possibly long compiler-log) exception message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "Error building extension" not in line]
+    line = (errors or lines or [type(error).__name__])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _load_extension():
+    """Loads the compiled kernels; returns a description of what was loaded (None: use the reference)."""
+    want_cuda = torch.cuda.is_available()
+    spec = importlib.util.find_spec(_PREBUILT)
+    if spec is not None and spec.origin:
+        built_from, prebuilt_cuda = _prebuilt_info(spec.origin)
+        stale = os.path.isdir(_CSRC) and built_from != _sources_hash()
+        if stale:
+            warnings.warn(f"proto_ce: ignoring the prebuilt {spec.origin}: it was built from other csrc/ sources "
+                          "(rebuild it with `pip install --no-build-isolation .`); using a JIT build instead",
+                          RuntimeWarning, stacklevel=3)
+        elif prebuilt_cuda or not want_cuda or not (os.path.isdir(_CSRC) and _nvcc_found()):
+            importlib.import_module(_PREBUILT)
+            return spec.origin
+    if not os.path.isdir(_CSRC):
+        raise FileNotFoundError(f"no prebuilt {_PREBUILT} and no csrc/ next to {__file__} to compile")
+    if want_cuda and _nvcc_found():
+        try:
+            return _jit_build(with_cuda=True)
+        except Exception as error:  # noqa: BLE001 - any build failure: retry without the CUDA sources
+            warnings.warn(f"proto_ce: compiling the CUDA kernels failed ({_short_reason(error)}); "
+                          "building the CPU kernels only", RuntimeWarning, stacklevel=3)
+    return _jit_build(with_cuda=False)
+
+
+def _initialise():
+    mode = os.environ.get("PROTO_CE_BACKEND", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "extension", "reference"):
+        raise ValueError(f"proto_ce: PROTO_CE_BACKEND must be auto, extension or reference, got {mode!r}")
+    if mode == "reference":
+        return
+    try:
+        _LOADED.where = _load_extension()
+    except Exception as error:  # noqa: BLE001 - any failure to build or load means: use the reference
+        if mode == "extension":
+            raise RuntimeError(f"proto_ce: PROTO_CE_BACKEND=extension but the extension could not be built "
+                               f"or loaded: {_short_reason(error)}") from error
+        warnings.warn(f"proto_ce: the C++/CUDA extension is unavailable ({_short_reason(error)}); using the "
+                      "pure-PyTorch reference instead (slower, materialises [B, V] logits). "
+                      "Set PROTO_CE_VERBOSE=1 to see the build log.", RuntimeWarning, stacklevel=3)
+        return
+    _LOADED.has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("proto_ce::xent_forward", "CUDA")
+    _register_python_side()
+    if torch.cuda.is_available() and not _LOADED.has_cuda:
+        warnings.warn(f"proto_ce: the extension loaded from {_LOADED.where} has no CUDA kernels (nvcc not found "
+                      "or the CUDA build failed); CUDA tensors use the pure-PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+
+
+_initialise()

@@ -1,0 +1,476 @@
+"""Tests of proto_ce: cross-entropy over a subset of class prototypes (issue 3).
+
+Every check compares the compiled op with an independent computation: the plain-PyTorch reference
+(F.cross_entropy over the materialised logits, autograd for the gradients), in float64 where the op
+runs in a lower precision, or torch's own gradcheck / opcheck. CUDA tests (marked `cuda`) run only where
+a GPU is visible; they need the CUDA kernels compiled (nvcc present) and fail loudly otherwise.
+"""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import proto_ce
+from proto_ce import proto_cross_entropy, reference_proto_cross_entropy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_FORCED = os.environ.get("PROTO_CE_BACKEND", "").lower() == "reference"
+needs_extension_cpu = pytest.mark.skipif(REFERENCE_FORCED or proto_ce.backend("cpu") != "extension-cpu",
+                                         reason="the CPU extension is not loaded (see test_cpu_extension_is_loaded)")
+
+# Ragged shapes from the issue (nothing a multiple of a tile size) and a tiny one.
+SMALL = dict(B=7, D=13, K=50, V=17)
+LARGE = dict(B=130, D=257, K=4099, V=1025)
+
+
+def make_inputs(B, D, K, V, dtype=torch.float32, device="cpu", seed=0, scale=14.0, scale_dtype=None):
+    """l2-normalised x [B, D] and w [K, D], a sorted random subset idx [V], labels drawn from idx."""
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(B, D, generator=gen, dtype=torch.float64), dim=1)
+    w = F.normalize(torch.randn(K, D, generator=gen, dtype=torch.float64), dim=1)
+    idx = torch.randperm(K, generator=gen)[:V].sort().values
+    labels = idx[torch.randint(V, (B,), generator=gen)]
+    if scale_dtype is None:
+        scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    logit_scale = torch.tensor(scale, dtype=scale_dtype)
+    return (x.to(device, dtype), w.to(device, dtype), idx.to(device), labels.to(device), logit_scale.to(device))
+
+
+def loss_and_grads(fn, x, w, idx, labels, logit_scale, reduction="mean", upstream=None):
+    """Runs fn forward and backward on leaf copies; returns (loss, grad_x, grad_w, grad_scale)."""
+    x, w, logit_scale = (t.detach().clone().requires_grad_() for t in (x, w, logit_scale))
+    loss = fn(x, w, idx, labels, logit_scale, reduction=reduction)
+    upstream = torch.ones_like(loss) if upstream is None else upstream.to(loss.device, loss.dtype)
+    loss.backward(upstream)
+    return loss.detach(), x.grad, w.grad, logit_scale.grad
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64 (b != 0)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def outside_idx_rows(grad_w, idx):
+    keep = torch.ones(grad_w.shape[0], dtype=torch.bool, device=grad_w.device)
+    keep[idx] = False
+    return grad_w[keep]
+
+
+@pytest.fixture
+def chunk_cols(request, monkeypatch):
+    """Forces PROTO_CE_CHUNK_COLS (None: the kernels' own cache-sized chunks)."""
+    if request.param is not None:
+        monkeypatch.setenv("PROTO_CE_CHUNK_COLS", str(request.param))
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: the op against the reference
+# ---------------------------------------------------------------------------------------------------
+
+def test_cpu_extension_is_loaded():
+    if REFERENCE_FORCED:
+        pytest.skip("PROTO_CE_BACKEND=reference")
+    assert proto_ce.backend("cpu") == "extension-cpu", (
+        "the C++ extension did not build or load; run `python -c 'import proto_ce'` with PROTO_CE_VERBOSE=1")
+
+
+@pytest.mark.parametrize("chunk_cols", [None, 7], indirect=True, ids=["auto-chunks", "7-col-chunks"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["7x13x50x17", "130x257x4099x1025"])
+def test_matches_reference(shape, dtype, reduction, chunk_cols):
+    inputs = make_inputs(**shape, dtype=dtype)
+    upstream = None
+    if reduction == "none":  # distinct per-sample weights, so per-row gradients are checked too
+        upstream = torch.rand(shape["B"], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction, upstream=upstream)
+    want = loss_and_grads(reference_proto_cross_entropy, *inputs, reduction=reduction, upstream=upstream)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert got[0].dtype == want[0].dtype and got[0].shape == want[0].shape
+    for name, a, b in zip(("loss", "grad_x", "grad_w", "grad_scale"), got, want):
+        assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e}"
+    idx = inputs[2]
+    assert torch.count_nonzero(outside_idx_rows(got[2], idx)) == 0, "rows of w outside idx got a gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_inputs_cpu_against_float64(dtype):
+    """fp16/bf16 inputs: float32 loss; compared with the float64 loss of the same (rounded) inputs."""
+    x, w, idx, labels, s = make_inputs(**LARGE, dtype=dtype)
+    got = loss_and_grads(proto_cross_entropy, x, w, idx, labels, s)
+    want = loss_and_grads(reference_proto_cross_entropy, x.double(), w.double(), idx, labels, s.double())
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[2].dtype == dtype and got[3].dtype == torch.float32
+    assert rel_err(got[0], want[0]) < 1e-5
+    for name, a, b in zip(("grad_x", "grad_w", "grad_scale"), got[1:], want[1:]):
+        assert rel_err(a, b) < 1e-2, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+def test_hand_made_case():
+    """Two prototypes, one sample: loss = log(1 + exp(s * (x.w1 - x.w0))) for label idx[0]."""
+    x = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    w = torch.tensor([[9.0, 9.0], [1.0, 0.0], [5.0, 5.0], [0.0, 1.0]], dtype=torch.float64)
+    idx = torch.tensor([1, 3])
+    labels = torch.tensor([1])
+    s = torch.tensor(2.0, dtype=torch.float64)
+    expected = torch.log1p(torch.exp(torch.tensor(2.0 * (0.8 - 0.6), dtype=torch.float64)))
+    assert torch.allclose(proto_cross_entropy(x, w, idx, labels, s), expected, rtol=0, atol=1e-15)
+
+
+def test_frozen_prototypes_get_no_gradient():
+    """w without requires_grad (the frozen CLIP heads of Sec. 4.1): x and scale still get gradients."""
+    x, w, idx, labels, s = make_inputs(**SMALL)
+    x.requires_grad_()
+    s.requires_grad_()
+    proto_cross_entropy(x, w, idx, labels, s).backward()
+    x_ref, s_ref = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    reference_proto_cross_entropy(x_ref, w, idx, labels, s_ref).backward()
+    assert w.grad is None
+    assert rel_err(x.grad, x_ref.grad) < 2e-5 and rel_err(s.grad, s_ref.grad) < 2e-5
+
+
+def test_zero_scale_gradient_is_finite():
+    """d loss / d scale at scale == 0 (uniform softmax) = mean_b (mean_v z_bv - z_b,target)."""
+    x, w, idx, labels, _ = make_inputs(**SMALL, dtype=torch.float64)
+    s = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    loss = proto_cross_entropy(x, w, idx, labels, s)
+    loss.backward()
+    z = x @ w[idx].T
+    target = torch.searchsorted(idx, labels)
+    expected = (z.mean(1) - z.gather(1, target[:, None])[:, 0]).mean()
+    assert torch.allclose(loss, torch.log(torch.tensor(float(len(idx)), dtype=torch.float64)))
+    assert torch.allclose(s.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("chunk_cols", [2], indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(reduction, chunk_cols):
+    x, w, idx, labels, s = make_inputs(B=3, D=4, K=9, V=5, dtype=torch.float64, scale=3.0)
+    x, w, s = x.requires_grad_(), w.requires_grad_(), s.requires_grad_()
+
+    def loss(x, w, s):
+        return proto_cross_entropy(x, w, idx, labels, s, reduction=reduction)
+
+    assert torch.autograd.gradcheck(loss, (x, w, s))
+
+
+@needs_extension_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_opcheck(dtype):
+    x, w, idx, labels, s = make_inputs(B=5, D=6, K=12, V=7, dtype=dtype)
+    target_pos = torch.searchsorted(idx, labels)
+    torch.library.opcheck(torch.ops.proto_ce.label_positions.default, (idx, labels, w.shape[0]))
+    args = (x.requires_grad_(), w.requires_grad_(), idx, target_pos, s.requires_grad_())
+    torch.library.opcheck(torch.ops.proto_ce.xent_forward.default, args)
+    loss, lse = torch.ops.proto_ce.xent_forward(*(a.detach() for a in args))
+    for needs in [(True, True, True), (True, False, False), (False, True, True)]:
+        torch.library.opcheck(torch.ops.proto_ce.xent_backward.default,
+                              (torch.rand_like(loss), x.detach(), w.detach(), idx, target_pos, s.detach(), lse, *needs))
+
+
+@pytest.mark.parametrize("chunk_cols", [None, 64], indirect=True, ids=["auto-chunks", "64-col-chunks"])
+def test_bit_identical_second_run(chunk_cols):
+    inputs = make_inputs(**LARGE)
+    first = loss_and_grads(proto_cross_entropy, *inputs)
+    second = loss_and_grads(proto_cross_entropy, *inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph():
+    """Dynamo + AOTAutograd trace the op (fake kernels, autograd formula) in one graph, no breaks."""
+    inputs = make_inputs(**SMALL)
+
+    def loss_fn(x, w, idx, labels, s, reduction="mean"):
+        return proto_cross_entropy(x, w, idx, labels, s, reduction=reduction) * 2.0
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    got = loss_and_grads(compiled, *inputs)
+    want = loss_and_grads(loss_fn, *inputs)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    inputs = make_inputs(**SMALL)
+    compiled = torch.compile(proto_cross_entropy, fullgraph=True)
+    got = loss_and_grads(compiled, *inputs)
+    want = loss_and_grads(reference_proto_cross_entropy, *inputs)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one-line ValueErrors naming the problem (op and reference alike)
+# ---------------------------------------------------------------------------------------------------
+
+def _bad_inputs():
+    """(case id, function of the good inputs returning bad ones, expected message fragment)."""
+    def with_(**changes):
+        def make(x, w, idx, labels, s):
+            args = dict(x=x, w=w, idx=idx, labels=labels, logit_scale=s)
+            args.update({k: v(args) for k, v in changes.items()})
+            return args
+        return make
+
+    return [
+        ("x-1d", with_(x=lambda a: a["x"][0]), "x must be 2-d"),
+        ("w-3d", with_(w=lambda a: a["w"][None]), "w must be 2-d"),
+        ("D-mismatch", with_(w=lambda a: a["w"][:, :-1]), "x has D=13 but w has D=12"),
+        ("x-integer", with_(x=lambda a: a["x"].long(), w=lambda a: a["w"].long()), "x must be float16/bfloat16/float32/float64"),
+        ("dtype-mismatch", with_(w=lambda a: a["w"].double()), "x is torch.float32 but w is torch.float64"),
+        ("idx-int32", with_(idx=lambda a: a["idx"].int()), "idx must be a 1-d int64 tensor"),
+        ("idx-2d", with_(idx=lambda a: a["idx"][None]), "idx must be a 1-d int64 tensor"),
+        ("labels-int32", with_(labels=lambda a: a["labels"].int()), "labels must be a 1-d int64 tensor"),
+        ("labels-length", with_(labels=lambda a: a["labels"][:-1]), "labels has 6 entries but x has B=7 rows"),
+        ("scale-1d", with_(logit_scale=lambda a: a["logit_scale"][None]), "logit_scale must be a 0-d tensor"),
+        ("scale-integer", with_(logit_scale=lambda a: torch.tensor(3)), "logit_scale must be a floating tensor"),
+        ("scale-float", with_(logit_scale=lambda a: 14.0), "logit_scale must be a torch.Tensor"),
+        ("empty-batch", with_(x=lambda a: a["x"][:0], labels=lambda a: a["labels"][:0]), "empty batch (B == 0)"),
+        ("no-features", with_(x=lambda a: a["x"][:, :0], w=lambda a: a["w"][:, :0]), "D == 0"),
+        ("empty-idx", with_(idx=lambda a: a["idx"][:0]), "idx is empty (V == 0)"),
+        ("idx-unsorted", with_(idx=lambda a: a["idx"].flip(0)), "idx is not sorted"),
+        ("idx-duplicate", with_(idx=lambda a: torch.cat([a["idx"][:3], a["idx"][2:]])), "duplicate class id"),
+        ("idx-negative", with_(idx=lambda a: torch.cat([torch.tensor([-1]), a["idx"]])), "outside [0, 50)"),
+        ("idx-too-large", with_(idx=lambda a: torch.cat([a["idx"], torch.tensor([50])])), "outside [0, 50)"),
+        ("label-not-in-idx", with_(labels=lambda a: torch.where(
+            torch.arange(7) == 3, _missing_class(a["idx"], 50), a["labels"])), "which is not in idx"),
+        ("label-beyond-K", with_(labels=lambda a: torch.where(
+            torch.arange(7) == 0, torch.tensor(10**6), a["labels"])), "class id 1000000 (labels[0]) which is not in idx"),
+        ("device-mismatch", with_(x=lambda a: a["x"].to("meta")), "all inputs must be on one device"),
+    ]
+
+
+def _missing_class(idx, K):
+    present = torch.zeros(K, dtype=torch.bool)
+    present[idx] = True
+    return torch.nonzero(~present)[0, 0]
+
+
+@pytest.mark.parametrize("fn", [proto_cross_entropy, reference_proto_cross_entropy], ids=["op", "reference"])
+@pytest.mark.parametrize("case_id,make_bad,message", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+def test_bad_input(fn, case_id, make_bad, message):
+    bad = make_bad(*make_inputs(**SMALL))
+    with pytest.raises(ValueError) as info:
+        fn(**bad)
+    text = str(info.value)
+    assert message in text and "\n" not in text.strip(), text
+
+
+def test_bad_reduction():
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none'"):
+        proto_cross_entropy(*make_inputs(**SMALL), reduction="avg")
+
+
+@needs_extension_cpu
+def test_kernel_validation_messages():
+    """The C++ op itself (direct torch.ops call) rejects bad idx / labels with the same messages."""
+    idx = torch.tensor([1, 4, 9])
+    cases = [(torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted"),
+             (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
+             (torch.tensor([1, 4, 12]), torch.tensor([4]), "outside [0, 10)"),
+             (idx, torch.tensor([4, 5]), "class id 5 (labels[1]) which is not in idx")]
+    for bad_idx, labels, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            torch.ops.proto_ce.label_positions(bad_idx, labels, 10)
+    assert torch.equal(torch.ops.proto_ce.label_positions(idx, torch.tensor([9, 1, 4]), 10), torch.tensor([2, 0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loader: forced reference backend, and the fallback when nothing can be compiled
+# ---------------------------------------------------------------------------------------------------
+
+def _run_python(code, env_changes, cwd):
+    env = dict(os.environ, **env_changes)
+    env["PYTHONPATH"] = cwd + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+CHECK_REFERENCE_BACKEND = """
+    import warnings, torch, proto_ce
+    assert proto_ce.backend("cpu") == "reference", proto_ce.backend("cpu")
+    x = torch.nn.functional.normalize(torch.randn(5, 3, dtype=torch.float64), dim=1)
+    w = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    idx, labels, s = torch.tensor([0, 2, 5, 7]), torch.tensor([2, 7, 0, 0, 5]), torch.tensor(3.0, dtype=torch.float64)
+    loss = proto_ce.proto_cross_entropy(x, w, idx, labels, s)
+    want = torch.nn.functional.cross_entropy(s * x @ w[idx].T, torch.tensor([1, 3, 0, 0, 2]))
+    assert torch.allclose(loss, want), (loss, want)
+    loss.backward()
+    assert w.grad[[1, 3, 4, 6]].abs().sum() == 0
+    print("OK")
+"""
+
+
+def test_forced_reference_backend():
+    result = _run_python(CHECK_REFERENCE_BACKEND, {"PROTO_CE_BACKEND": "reference"}, REPO)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+    assert "warn" not in result.stderr.lower(), "an explicit PROTO_CE_BACKEND=reference must not warn"
+
+
+def test_fallback_with_warning_when_compiling_fails(tmp_path):
+    """A checkout whose csrc/ differs from any prebuilt, with a compiler that always fails: the module
+    ignores the stale prebuilt, cannot compile, warns once, and runs the reference."""
+    import shutil
+    shutil.copy(os.path.join(REPO, "proto_ce.py"), tmp_path / "proto_ce.py")
+    shutil.copytree(os.path.join(REPO, "csrc"), tmp_path / "csrc")
+    with open(tmp_path / "csrc" / "ops.cpp", "a") as f:
+        f.write("\n// changed sources: no prebuilt library matches them\n")
+    env = {"CXX": "/bin/false", "CC": "/bin/false", "PROTO_CE_BUILD_DIR": str(tmp_path / "build"),
+           "PROTO_CE_BACKEND": "auto", "CUDA_VISIBLE_DEVICES": ""}
+    result = _run_python(CHECK_REFERENCE_BACKEND, env, str(tmp_path))
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+    assert result.stderr.count("using the pure-PyTorch reference instead") == 1, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU). Oracle: the float64 reference on the CPU, from the same rounded inputs.
+# ---------------------------------------------------------------------------------------------------
+
+CUDA_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),  # (loss, gradients), relative
+            torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 3e-2)}
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+CUDA_IDS = ["fp32", "fp16", "bf16", "fp64"]
+
+
+def _float64_oracle(x, w, idx, labels, s, reduction="mean", upstream=None):
+    cpu = [t.detach().cpu() for t in (x, w, idx, labels, s)]
+    cpu = [t.double() if t.is_floating_point() else t for t in cpu]
+    return loss_and_grads(reference_proto_cross_entropy, *cpu, reduction=reduction, upstream=upstream)
+
+
+def _no_tf32():
+    return torch.backends.cuda.matmul.allow_tf32 is False
+
+
+@pytest.mark.cuda
+def test_cuda_extension_is_loaded():
+    assert proto_ce.backend("cuda") == "extension-cuda", (
+        "the CUDA kernels are not loaded: is nvcc on PATH / CUDA_HOME set? Rerun `python -c 'import proto_ce'` "
+        "with PROTO_CE_VERBOSE=1 to see the build log")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunk_cols", [None, 100], indirect=True, ids=["auto-chunks", "100-col-chunks"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=CUDA_IDS)
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["7x13x50x17", "130x257x4099x1025"])
+def test_cuda_matches_reference(shape, dtype, reduction, chunk_cols):
+    assert _no_tf32(), "TF32 matmuls are on; these tolerances assume full fp32"
+    inputs = make_inputs(**shape, dtype=dtype, device="cuda")
+    upstream = None
+    if reduction == "none":
+        upstream = torch.rand(shape["B"], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction, upstream=upstream)
+    want = _float64_oracle(*inputs, reduction=reduction, upstream=upstream)
+    loss_tol, grad_tol = CUDA_TOL[dtype]
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == dtype and got[2].dtype == dtype and got[3].dtype == inputs[4].dtype
+    assert rel_err(got[0], want[0]) < loss_tol, f"loss: relative error {rel_err(got[0], want[0]):.2e}"
+    for name, a, b in zip(("grad_x", "grad_w", "grad_scale"), got[1:], want[1:]):
+        assert rel_err(a, b) < grad_tol, f"{name}: relative error {rel_err(a, b):.2e}"
+    assert torch.count_nonzero(outside_idx_rows(got[2], inputs[2])) == 0
+
+
+@pytest.mark.cuda
+@needs_extension_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cuda_matches_cpu_extension(dtype):
+    cpu_inputs = make_inputs(**LARGE, dtype=dtype)
+    got = loss_and_grads(proto_cross_entropy, *(t.cuda() for t in cpu_inputs))
+    want = loss_and_grads(proto_cross_entropy, *cpu_inputs)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(("loss", "grad_x", "grad_w", "grad_scale"), got, want):
+        assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunk_cols", [None, 100], indirect=True, ids=["auto-chunks", "100-col-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_bit_identical_second_run(dtype, chunk_cols):
+    inputs = make_inputs(**LARGE, dtype=dtype, device="cuda")
+    first = loss_and_grads(proto_cross_entropy, *inputs)
+    second = loss_and_grads(proto_cross_entropy, *inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_dino_scale_shape():
+    """The DINO-scale shape (B=2560, D=256, K=65536, V=16384) in bf16 spans several default-size chunks."""
+    inputs = make_inputs(B=2560, D=256, K=65536, V=16384, dtype=torch.bfloat16, device="cuda")
+    got = loss_and_grads(proto_cross_entropy, *inputs)
+    x, w, idx, labels, s = inputs
+    want = loss_and_grads(reference_proto_cross_entropy, x.float(), w.float(), idx, labels, s)
+    assert rel_err(got[0], want[0]) < 1e-2
+    for name, a, b in zip(("grad_x", "grad_w", "grad_scale"), got[1:], want[1:]):
+        assert rel_err(a, b) < 3e-2, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@pytest.mark.cuda
+def test_cuda_bad_devices():
+    x, w, idx, labels, s = make_inputs(**SMALL, device="cuda")
+    for bad in [dict(w=w.cpu()), dict(idx=idx.cpu()), dict(labels=labels.cpu()), dict(logit_scale=s.cpu())]:
+        args = dict(x=x, w=w, idx=idx, labels=labels, logit_scale=s)
+        args.update(bad)
+        with pytest.raises(ValueError, match="all inputs must be on one device"):
+            proto_cross_entropy(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case_id,make_bad,message", [c for c in _bad_inputs() if c[0] != "device-mismatch"],
+                         ids=[c[0] for c in _bad_inputs() if c[0] != "device-mismatch"])
+def test_cuda_bad_input(case_id, make_bad, message):
+    bad = make_bad(*make_inputs(**SMALL))
+    bad = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in bad.items()}
+    with pytest.raises(ValueError) as info:
+        proto_cross_entropy(**bad)
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_opcheck(dtype):
+    x, w, idx, labels, s = make_inputs(B=5, D=6, K=12, V=7, dtype=dtype, device="cuda")
+    target_pos = torch.searchsorted(idx, labels)
+    torch.library.opcheck(torch.ops.proto_ce.label_positions.default, (idx, labels, w.shape[0]))
+    torch.library.opcheck(torch.ops.proto_ce.xent_forward.default,
+                          (x.requires_grad_(), w.requires_grad_(), idx, target_pos, s.requires_grad_()),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_fullgraph():
+    inputs = make_inputs(**LARGE, device="cuda")
+    compiled = torch.compile(proto_cross_entropy, backend="aot_eager", fullgraph=True)
+    got = loss_and_grads(compiled, *inputs)
+    want = loss_and_grads(proto_cross_entropy, *inputs)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_below_quarter_of_eager():
+    """Memory, not time: extra memory of fwd+bwd beyond inputs and returned gradients, op vs eager."""
+    x, w, idx, labels, s = make_inputs(B=2560, D=256, K=65536, V=16384, dtype=torch.bfloat16, device="cuda")
+    grad_bytes = x.numel() * x.element_size() + w.numel() * w.element_size() + 4
+
+    def peak_extra(fn):
+        xs, ws, ss = (t.detach().clone().requires_grad_() for t in (x, w, s))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(xs, ws, idx, labels, ss).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base - grad_bytes
+
+    op, eager = peak_extra(proto_cross_entropy), peak_extra(reference_proto_cross_entropy)
+    assert op <= eager / 4, f"op {op / 2**20:.1f} MiB vs eager {eager / 2**20:.1f} MiB"
