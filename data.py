@@ -1572,6 +1572,7 @@ def count_freq_main(argv):
     else:
         sys.stdout.write(lines)
 
+
 # ==== Run plumbing shared by the experiment scripts ====
 # Process groups, deterministic global batches, atomic checkpoints and the run directory. The three
 # scripts share this so that two promises hold for all of them in the same way: N processes with the same
