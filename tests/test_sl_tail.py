@@ -1,0 +1,396 @@
+"""sl_tail.py: the vocabulary sampler (Sec. 3.3) against exact probabilities, label remapping, baseline
+losses against plain PyTorch, and whole runs on a tiny synthetic world: 1 vs 2 processes, kill and resume,
+NaN stop, trimmed tail outputs, bad flags."""
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+import data
+import sl_tail
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny world: 600 training images of the 100 ImageNet-100 classes, 5 test images per class.
+TINY = ["--num-train", "600", "--num-test-per-class", "5", "--image-size", "32", "--batch-size", "32",
+        "--epochs", "2", "--lr", "0.02", "--workers", "0"]
+
+
+def draw(batch, size, weights, seed):
+    return sl_tail.sample_vocabulary(torch.as_tensor(batch), size, weights, torch.Generator().manual_seed(seed))
+
+
+# ---- the sampler --------------------------------------------------------------------------------------
+
+def test_vocabulary_holds_batch_reaches_size_never_repeats():
+    counts = np.random.default_rng(0).integers(1, 50, size=60)
+    weights = sl_tail.vocabulary_weights(counts, "freq")
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        batch = rng.integers(0, 60, size=rng.integers(1, 30))
+        size = int(rng.integers(1, 61))
+        idx = draw(batch, size, weights, trial)
+        assert idx.dtype == torch.int64
+        assert set(batch.tolist()) <= set(idx.tolist())
+        assert len(set(idx.tolist())) == len(idx)                          # no class twice
+        assert torch.equal(idx, idx.sort().values)                         # sorted, as the op needs
+        assert len(idx) == max(size, len(set(batch.tolist())))             # reaches V when it can
+
+
+def test_batch_with_more_classes_than_size_is_the_vocabulary():
+    weights = sl_tail.vocabulary_weights(np.ones(20), "uniform")
+    idx = draw([7, 3, 3, 12, 0, 19], 4, weights, 0)
+    assert idx.tolist() == [0, 3, 7, 12, 19]
+
+
+def test_zero_frequency_classes_drawn_only_under_uniform():
+    counts = np.array([5, 0, 3, 0, 8, 1, 0, 2])
+    seen = {how: set() for how in ("freq", "sqrt", "uniform")}
+    for how in seen:
+        weights = sl_tail.vocabulary_weights(counts, how)
+        for seed in range(200):
+            seen[how] |= set(draw([0], 4, weights, seed).tolist())
+    assert seen["freq"] == seen["sqrt"] == {0, 2, 4, 5, 7}
+    assert seen["uniform"] == set(range(8))
+    # freq can only fill with the 4 other seen classes: V=8 is not reachable, the vocabulary stops at 5
+    assert draw([0], 8, sl_tail.vocabulary_weights(counts, "freq"), 0).tolist() == [0, 2, 4, 5, 7]
+
+
+@pytest.mark.parametrize("how", ["freq", "sqrt", "uniform"])
+def test_single_fill_follows_requested_distribution(how):
+    """One class to fill: it is class c with probability w_c / sum of w over classes not in the batch."""
+    counts = np.array([40, 1, 9, 25, 3, 0, 16, 4, 12, 2])
+    batch = [0, 3]
+    weights = sl_tail.vocabulary_weights(counts, how)
+    expected_w = {"freq": counts, "sqrt": np.sqrt(counts), "uniform": np.ones(10)}[how].astype(float)
+    expected_w[batch] = 0
+    n = 4000
+    hits = np.zeros(10)
+    for seed in range(n):
+        fill = set(draw(batch, 3, weights, seed).tolist()) - set(batch)
+        hits[fill.pop()] += 1
+    keep = expected_w > 0
+    assert hits[~keep].sum() == 0
+    expected = expected_w[keep] / expected_w[keep].sum() * n
+    assert scipy.stats.chisquare(hits[keep], expected).pvalue > 1e-4
+    # the check has power: the same counts are rejected against a different distribution
+    wrong = expected_w[keep].copy()
+    wrong[np.argmax(wrong)] *= 1.5
+    wrong = wrong / wrong.sum() * n
+    assert scipy.stats.chisquare(hits[keep], wrong).pvalue < 1e-6
+
+
+def test_fill_of_two_is_successive_sampling_without_replacement():
+    """P(pair {i, j}) = w_i/W * w_j/(W - w_i) + w_j/W * w_i/(W - w_j), enumerated by hand."""
+    w = np.array([20.0, 1.0, 3.0, 2.0, 8.0])
+    W = w.sum()
+    pairs = list(itertools.combinations(range(5), 2))
+    prob = np.array([w[i] / W * w[j] / (W - w[i]) + w[j] / W * w[i] / (W - w[j]) for i, j in pairs])
+    assert prob.sum() == pytest.approx(1.0)
+    weights = torch.as_tensor(np.r_[w, 100.0])              # class 5 is in the batch: never a fill
+    n = 5000
+    hits = np.zeros(len(pairs))
+    for seed in range(n):
+        idx = draw([5], 3, weights, seed).tolist()
+        hits[pairs.index(tuple(c for c in idx if c != 5))] += 1
+    assert scipy.stats.chisquare(hits, prob * n).pvalue > 1e-4
+    # inclusion is not proportional to w (a naive 'independent draws' sampler would fail this)
+    naive = np.array([w[i] * w[j] for i, j in pairs])
+    assert scipy.stats.chisquare(hits, naive / naive.sum() * n).pvalue < 1e-6
+
+
+def test_generator_is_keyed_by_seed_epoch_step_rank():
+    weights = sl_tail.vocabulary_weights(np.arange(1, 101), "freq")
+
+    def voc(*key):
+        return sl_tail.sample_vocabulary(torch.tensor([1, 2]), 30, weights, sl_tail.vocabulary_generator(*key))
+
+    assert torch.equal(voc(0, 1, 2, 0), voc(0, 1, 2, 0))
+    others = [voc(1, 1, 2, 0), voc(0, 2, 2, 0), voc(0, 1, 3, 0), voc(0, 1, 2, 1)]
+    assert all(not torch.equal(voc(0, 1, 2, 0), o) for o in others)
+
+
+def _vocabulary_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist = data.Dist(rank=rank, world_size=world_size)
+    weights = sl_tail.vocabulary_weights(np.arange(1, 101), "freq")
+    result = {}
+    for scope in ("global", "local"):
+        args = type("Args", (), dict(voc=40, voc_scope=scope, seed=3))()
+        g = torch.Generator().manual_seed(rank)
+        result[scope] = []
+        for step in range(20):
+            labels = torch.randint(0, 100, (8,), generator=g)
+            idx = sl_tail.iteration_vocabulary(labels, args, weights, dist, epoch=1, step=step)
+            result[scope].append(dict(labels=labels.tolist(), idx=idx.tolist()))
+    torch.distributed.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_every_rank_gets_the_same_vocabulary_under_global(tmp_path):
+    """Two gloo processes with different local labels: under global both hold the vocabulary one process
+    would draw from the whole batch; under local each draws from its own labels with its own generator."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_vocabulary_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    weights = sl_tail.vocabulary_weights(np.arange(1, 101), "freq")
+    for step, (r0, r1) in enumerate(zip(ranks[0]["global"], ranks[1]["global"])):
+        assert r0["idx"] == r1["idx"]
+        both = torch.tensor(r0["labels"] + r1["labels"])   # = the one-process global batch
+        expected = sl_tail.sample_vocabulary(both, 40, weights, sl_tail.vocabulary_generator(3, 1, step, 0))
+        assert r0["idx"] == expected.tolist()
+    for r in range(2):
+        for step, rec in enumerate(ranks[r]["local"]):
+            assert set(rec["labels"]) <= set(rec["idx"])
+            expected = sl_tail.sample_vocabulary(torch.tensor(rec["labels"]), 40, weights,
+                                                 sl_tail.vocabulary_generator(3, 1, step, r))
+            assert rec["idx"] == expected.tolist()
+    assert any(a["idx"] != b["idx"] for a, b in zip(ranks[0]["local"], ranks[1]["local"]))
+
+
+# ---- labels, losses, re-sampling ----------------------------------------------------------------------
+
+def test_positions_in_vocabulary():
+    idx = torch.tensor([2, 5, 9, 40])
+    assert sl_tail.positions_in_vocabulary(torch.tensor([40, 2, 9, 9, 5]), idx).tolist() == [3, 0, 2, 2, 1]
+    with pytest.raises(ValueError, match="missing from the vocabulary"):
+        sl_tail.positions_in_vocabulary(torch.tensor([2, 6]), idx)
+    with pytest.raises(ValueError, match="missing from the vocabulary"):
+        sl_tail.positions_in_vocabulary(torch.tensor([41]), idx)
+
+
+def _loss_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1)
+    w = F.normalize(torch.randn(10, 8, generator=g, dtype=torch.float64), dim=1)
+    idx = torch.tensor([0, 2, 3, 5, 8, 9])
+    labels = torch.tensor([3, 9, 0, 3, 5, 2])
+    counts = np.array([50, 1, 20, 7, 0, 3, 9, 9, 30, 2])
+    return x, w, idx, labels, torch.tensor(12.0, dtype=torch.float64), counts
+
+
+@pytest.mark.parametrize("loss", ["ce", "balanced-softmax", "logit-adjust", "focal"])
+def test_baseline_losses_against_hand_computation(loss):
+    x, w, idx, labels, scale, counts = _loss_inputs()
+    args = type("Args", (), dict(loss=loss, la_tau=0.5, focal_gamma=2.0))()
+    log_prior = sl_tail.log_class_prior(counts).double()
+    got = sl_tail.vocabulary_loss(x, w, idx, labels, scale, args, log_prior)
+    # independent: per-sample loops over numpy logits
+    logits = (scale * x @ w.T).numpy()
+    prior = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+    tau = {"balanced-softmax": 1.0, "logit-adjust": 0.5}.get(loss, 0.0)
+    total = 0.0
+    for b in range(6):
+        z = np.array([logits[b, c] + tau * np.log(prior[c]) for c in idx.tolist()])
+        t = idx.tolist().index(int(labels[b]))
+        log_p = z[t] - scipy.special.logsumexp(z)
+        total += -(1 - np.exp(log_p)) ** 2 * log_p if loss == "focal" else -log_p
+    assert float(got) == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_full_vocabulary_equals_plain_cross_entropy():
+    x, w, _, labels, scale, counts = _loss_inputs()
+    args = type("Args", (), dict(loss="ce"))()
+    got = sl_tail.vocabulary_loss(x, w, torch.arange(10), labels, scale, args, None)
+    assert float(got) == pytest.approx(float(F.cross_entropy(scale * x @ w.T, labels)), rel=1e-5)
+
+
+def test_class_balanced_indices():
+    labels = np.repeat(np.arange(5), [300, 100, 20, 5, 1])
+    a = sl_tail.class_balanced_indices(labels, seed=0, epoch=0)
+    assert a == sl_tail.class_balanced_indices(labels, seed=0, epoch=0)      # keyed, no hidden state
+    assert a != sl_tail.class_balanced_indices(labels, seed=0, epoch=1)
+    assert len(a) == len(labels)
+    drawn = labels[a]
+    assert scipy.stats.chisquare(np.bincount(drawn, minlength=5)).pvalue > 1e-4   # uniform over classes
+    # within a class every sample is reachable: class 2's 20 samples all appear over a few epochs
+    seen = set()
+    for epoch in range(5):
+        idx = np.asarray(sl_tail.class_balanced_indices(labels, 0, epoch))
+        seen |= set(idx[labels[idx] == 2].tolist())
+    assert seen == set(np.flatnonzero(labels == 2).tolist())
+
+
+def test_affinity_class_sample():
+    counts = np.array([9, 1, 0, 7, 5, 0, 3, 8])
+    sample = sl_tail.affinity_class_sample(8, counts, np.array([2, 5]), 6)
+    assert sample[:2] == [2, 5] and len(sample) == len(set(sample)) == 6
+    assert sl_tail.affinity_class_sample(8, counts, None, 3) == [0, 6, 5]   # most, middle, least frequent
+
+
+# ---- whole runs -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("world_cache"))
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CLIP_TAIL_DEBUG="1")
+
+
+def _run(args, cache_dir, nproc=1, check=True):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(launcher + ["sl_tail.py", *args, "--cache-dir", cache_dir], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _final(out):
+    with open(os.path.join(out, "final.json")) as f:
+        return json.load(f)
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir):
+    out = str(tmp_path_factory.mktemp("runs") / "one")
+    _run([*TINY, "--voc", "20", "--out", out], cache_dir)
+    return out
+
+
+def test_run_outputs(reference_run):
+    final = _final(reference_run)
+    for key in ("top1", "corr_acc", "corr_pred", "nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn", "voc_effective"):
+        assert key in final
+    assert 20 <= final["voc_effective"] <= 32                 # a 32-sample batch has at most 32 classes
+    log = _log(reference_run)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert final["voc_effective"] == pytest.approx(np.mean([r["voc_effective"] for r in log]))
+    assert {"loss", "lr", "voc_effective", "logit_scale", "time"} <= set(log[0])
+    args = json.load(open(os.path.join(reference_run, "args.json")))
+    assert args["voc"] == 20 and args["batch_size"] == 32
+    per_class = open(os.path.join(reference_run, "per_class.csv")).read().splitlines()
+    assert len(per_class) == 101
+    aff = np.load(os.path.join(reference_run, "affinity.npz"))
+    assert aff["affinity"].shape == (20, 20) and np.allclose(np.diag(aff["affinity"]), 1, atol=1e-5)
+    state = torch.load(os.path.join(reference_run, "checkpoint.pt"), weights_only=False)
+    assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= set(state)
+
+
+def test_two_processes_match_one(reference_run, tmp_path, cache_dir):
+    out = str(tmp_path / "two")
+    _run([*TINY, "--voc", "20", "--out", out], cache_dir, nproc=2)   # CLIP_TAIL_DEBUG checks equal vocabularies
+    one, two = _final(reference_run), _final(out)
+    for a, b in zip(_log(reference_run), _log(out)):
+        assert a["voc_effective"] == b["voc_effective"]           # the same vocabularies, step by step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["logit_scale"] == pytest.approx(b["logit_scale"], rel=1e-4)
+    assert abs(one["top1"] - two["top1"]) <= 2 / one["num_eval"]
+    for key in ("corr_acc", "corr_pred"):
+        assert one[key] == pytest.approx(two[key], abs=0.05)
+    for key in ("nc2_w", "nc2_w_nn", "logit_scale"):
+        assert one[key] == pytest.approx(two[key], rel=1e-3)
+
+
+def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path, cache_dir):
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "sl_tail.py", *TINY, "--voc", "20", "--out", out, "--cache-dir", cache_dir]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(os.path.join(out, "checkpoint.pt")) and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not os.path.exists(os.path.join(out, "final.json")), "the run ended before it could be killed"
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    _run([*TINY, "--voc", "20", "--out", out, "--resume"], cache_dir)
+    assert _final(out) == _final(reference_run)
+    assert [{k: v for k, v in r.items() if k != "time"} for r in _log(out)] == \
+        [{k: v for k, v in r.items() if k != "time"} for r in _log(reference_run)]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, cache_dir, monkeypatch):
+    calls = {"n": 0}
+    real = sl_tail.vocabulary_loss
+
+    def nan_in_second_epoch(*a, **k):
+        loss = real(*a, **k)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 600 // 32 + 2 else loss   # epoch 1, step 2
+
+    monkeypatch.setattr(sl_tail, "vocabulary_loss", nan_in_second_epoch)
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="at epoch 1 step 2"):
+        sl_tail.main([*TINY, "--out", out, "--cache-dir", cache_dir])
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    assert not os.path.exists(os.path.join(out, "final.json"))
+
+
+def test_frozen_head_on_zero_shot_tail(tmp_path, cache_dir):
+    out = str(tmp_path / "frozen")
+    _run(["--num-train", "600", "--num-test-per-class", "5", "--batch-size", "32", "--epochs", "1",
+          "--head", "frozen", "--head-file", "clip-rn50", "--voc", "10", "--trim-tail", "10", "--tail-shots", "0",
+          "--out", out], cache_dir)
+    final = _final(out)
+    assert final["top1_tail"] is not None and final["top1_other"] is not None
+    aff = np.load(os.path.join(out, "affinity.npz"))
+    assert aff["is_tail"].sum() == 10 and aff["affinity"].shape == (20, 20)
+    # the head stayed the shipped CLIP prototypes: its affinities are those of the file's rows
+    lt = data.load_data(sl_tail.parse_args(["--num-train", "600", "--num-test-per-class", "5", "--cache-dir", cache_dir,
+                                            "--trim-tail", "10", "--tail-shots", "0"]))
+    head = data.load_head("clip-rn50", lt.imagenet_ids, lt.classnames)
+    head = F.normalize(head, dim=1)[aff["classes"]]
+    assert np.allclose(aff["affinity"], (head @ head.T).numpy(), atol=1e-5)
+    tail = set(np.asarray(lt.tail_classes).tolist())
+    assert set(aff["classes"][aff["is_tail"]].tolist()) == tail
+    assert all(lt.train_counts[c] == 0 for c in tail)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--voc", "101"], "--voc 101 is larger than the 100 classes"),
+    (["--voc", "-1"], "--voc must be"),
+    (["--head", "frozen"], "needs --head-file"),
+    (["--head-file", "clip-rn50"], "--head-file needs --head frozen"),
+    (["--head", "frozen", "--head-file", "/nonexistent/head.pt"], "head not found"),
+    (["--amp", "--device", "cpu"], "--amp needs a CUDA GPU"),
+])
+def test_bad_flags(flags, message, tmp_path, cache_dir):
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("-", r"\-")):
+        sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir, *flags])
+
+
+def test_head_with_wrong_number_of_classes(tmp_path, cache_dir):
+    path = str(tmp_path / "head7.pt")
+    torch.save(torch.randn(7, 16), path)
+    with pytest.raises(ValueError, match="7 classes"):
+        sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir, "--head", "frozen",
+                      "--head-file", path])
+
+
+def test_batch_not_divisible_by_processes(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(data, "init_distributed", lambda device="auto": data.Dist(rank=0, world_size=3))
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir])
+
+
+def test_bad_flag_is_one_line_exit_2(tmp_path, cache_dir):
+    proc = _run([*TINY, "--voc", "500", "--out", str(tmp_path / "bad")], cache_dir, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "sl_tail.py: error: --voc 500 is larger than the 100 classes"
