@@ -622,7 +622,7 @@ def natural_caption(rng, concept, attrs, fields, clutter_names=(), other_names=(
     ~55% of descriptions (plus ~15% naming a similar class instead) and ~75% of tag lists."""
     parts = []
     for f in CAPTION_FIELDS:
-        if f in fields:  # draw each field even when unused? no: only used fields consume randomness
+        if f in fields:
             if f == "title":
                 parts.append(_title(rng, concept, list(clutter_names)))
             elif f == "description":
@@ -684,13 +684,14 @@ def apply_transform_seeded(transform, image, rng):
     of a sample would depend on the worker/process that loads it and on what ran before; with it, any
     number of processes and DataLoader workers see identical samples, resume included, and the caller's
     own RNG streams (model init, dropout) are left untouched. fork_rng(devices=[]) only saves the CPU
-    generator, which costs microseconds."""
+    generator, which costs microseconds; the CPU generator is seeded directly because torch.manual_seed
+    also queues CUDA seeding, which records a stack trace each call (milliseconds)."""
     if transform is None:
         return image
     seed = int(rng.integers(2 ** 63 - 1))
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             return transform(image)
@@ -942,6 +943,8 @@ def _load_synthetic(opts, train_transform, test_transform):
         raise ValueError(f"--image-size {size}: the synthetic world renders 32 or 64 px")
     if opts.num_test_per_class < 1:
         raise ValueError(f"--num-test-per-class must be >= 1, got {opts.num_test_per_class}")
+    if opts.diversity < 0:
+        raise ValueError(f"--diversity must be >= 0, got {opts.diversity}")
     class_ids = select_classes(opts.classes, opts.data_seed)
     counts = scale_counts(frequency_profile(opts.profile, class_ids), opts.num_train)
     # open-world concepts: other ImageNet classes, counted like the evaluated ones (same profile, same scale)
@@ -952,8 +955,7 @@ def _load_synthetic(opts, train_transform, test_transform):
     ow_ids = sorted(rng.choice(others, opts.open_world, replace=False).tolist()) if opts.open_world else []
     ow_counts = []
     if ow_ids:
-        prof = opts.profile if opts.profile != "incaps" else "incaps"  # 1000-row table for non-IN-100 ids
-        p_eval, p_ow = frequency_profile(prof, class_ids), frequency_profile(prof, ow_ids)
+        p_eval, p_ow = frequency_profile(opts.profile, class_ids), frequency_profile(opts.profile, ow_ids)
         ow_counts = np.round(p_ow / p_eval.sum() * opts.num_train).astype(np.int64).tolist()
     spec = WorldSpec(class_ids=tuple(class_ids), train_counts=tuple(int(c) for c in counts),
                      open_world_ids=tuple(ow_ids), open_world_counts=tuple(int(c) for c in ow_counts),
