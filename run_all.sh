@@ -1,0 +1,430 @@
+#!/usr/bin/env bash
+# run_all.sh -- every experiment of Wen et al., "Generalization Beyond Data Imbalance: A Controlled Study
+# on CLIP for Transferable Insights" (NeurIPS 2024, arXiv 2405.21070), in the paper's order, then
+# report.py: figures and report/<mode>/REPORT.md with the paper's claims and our numbers side by side.
+#
+#   bash run_all.sh --quick              # all sections on the embedded synthetic world (<= 30 min, 2-core CPU)
+#   bash run_all.sh                      # paper scale from the data locations below (torchrun, GPUs)
+#   bash run_all.sh --quick --only fig8  # one section (repeatable, or a comma list: --only fig3,fig5)
+#   bash run_all.sh --dry-run            # print every command as a '+ <command>' line, run nothing
+#
+# Options
+#   --quick          all sections on the synthetic world, sized for a 2-core CPU (the README's main command)
+#   --smoke          the whole pipeline at a tiny size (tiny world, one epoch each; used by the tests)
+#   (neither)        paper scale: --recipe paper --amp, torchrun --nproc_per_node=$NPROC, real data (below)
+#   --dry-run        print the commands ('+ <command>', one a line; '# ...' lines are remarks), run nothing
+#   --only S         only section S: fig1 fig3 fig4 fig5 fig6 fig7 fig8 fig9 fig10 (fig9 = fig8); repeatable
+#   --out DIR        run folders DIR/<name>_s<seed>/ (default runs/quick, runs/smoke, runs/paper)
+#   --report DIR     report.py's output (default report/quick, DIR/report for --smoke, report/paper)
+#   --seeds "0 1 2"  seeds of every experiment (default "0"; the report shows mean +- std over seeds)
+#
+# Re-running skips finished runs (final.json present) and resumes interrupted ones (--resume when
+# checkpoint.pt is present). Two sections that need the same command share one run (a symlink). A failing
+# run is logged in DIR/logs/<name>.log and listed at the end; the others go on; the exit status is then 1.
+#
+# Environment for paper scale (a section whose data is not given is skipped with a message):
+#   NPROC=4          processes (GPUs) per run: torchrun --nproc_per_node=$NPROC
+#   IMAGENET_VAL     ImageNet val as an ImageFolder (wnid folders): the test set of every CLIP/SL run; Fig. 1b
+#   INCAPS_ROOT      ImageNet-Captions: imagenet_captions.json + train/<wnid>/<file> (Fig. 3, 4, 6, 7, 8/9)
+#   LAIONET_TSV      LAIONet (threshold 0.7) as a TSV with columns filepath, label, caption (Fig. 4, 5, 10)
+#   YFCC_TSV         YFCC-15M-Cls in the same TSV format (Fig. 4)
+#   IMAGENET_TRAIN   ImageNet train as an ImageFolder (Fig. 10 / Table 2: DINO's ImageNet row)
+#   TRANSFER_ROOT    the linear-probe data sets of Table 2 (layout: dino_tail.py --help, --transfer-root)
+#   TRANSFER_TASKS   comma list for dino_tail.py --transfer (default: the Table 2 sets dino_tail.py knows)
+#   CLIP_PRETRAINED  Fig. 1b models, space-separated MODEL:TAG:FREQ_PROFILE (default: the paper's open_clip
+#                    models with a shipped frequency table); those not in the local weight cache are skipped
+#   CLIP_TEXT_INIT   pre-trained CLIP text tower for Fig. 5 / Fig. 8 (default RN50:openai; must be cached)
+#   SL_HEAD          frozen class prototypes of Fig. 8/9 (default clip-rn50, the shipped CLIP RN50 head;
+#                    --quick/--smoke default: the head exported by the pre-trained synthetic text tower)
+#   WORKERS=8        DataLoader workers per process (paper scale)
+#   PYTHON=python    the interpreter
+set -u
+cd "$(dirname "$0")" || exit 1
+
+SECTIONS=(fig1 fig3 fig4 fig5 fig6 fig7 fig8 fig10)
+die() { echo "run_all.sh: error: $*" >&2; exit 2; }
+
+MODE=paper DRY=0 OUT="" REPORT_DIR="" SEEDS=${SEEDS:-0}
+ONLY=()
+while (($#)); do
+    case $1 in
+        --quick) MODE=quick ;;
+        --smoke) MODE=smoke ;;
+        --paper) MODE=paper ;;
+        --dry-run) DRY=1 ;;
+        --only | --out | --report | --seeds)
+            (($# >= 2)) || die "$1 needs a value"
+            case $1 in
+                --only) IFS=, read -ra parts <<<"$2"; ONLY+=("${parts[@]}") ;;
+                --out) OUT=$2 ;;
+                --report) REPORT_DIR=$2 ;;
+                --seeds) SEEDS=$2 ;;
+            esac
+            shift ;;
+        -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option $1 (see bash run_all.sh --help)" ;;
+    esac
+    shift
+done
+for s in "${ONLY[@]+"${ONLY[@]}"}"; do
+    [[ $s == fig9 ]] && s=fig8
+    [[ " ${SECTIONS[*]} " == *" $s "* ]] || die "--only $s: unknown section (one of: ${SECTIONS[*]} fig9)"
+done
+[[ $SEEDS =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be space-separated integers, got '$SEEDS'"
+OUT=${OUT:-runs/$MODE}
+case $MODE in
+    smoke) REPORT_DIR=${REPORT_DIR:-$OUT/report} ;;
+    *) REPORT_DIR=${REPORT_DIR:-report/$MODE} ;;
+esac
+PY=${PYTHON:-python}
+
+# ---- Sizes of each mode -----------------------------------------------------------------------------
+# DATA: the flags every run's data starts from; CLIP / SL / DINO: recipe and size flags of each script.
+# --quick: every run takes roughly 30-60 s on a 2-core CPU (the world is rendered once and cached).
+case $MODE in
+    quick)
+        LAUNCH=("$PY")
+        DATA=(--num-train 10000 --num-test-per-class 20)
+        CLIP=(--epochs 3 --batch-size 128)
+        SL=(--epochs 6 --batch-size 128 --lr-steps 4,5)
+        DINO_DATA=(--num-train 3000)
+        DINO=(--epochs 3 --batch-size 128 --probe-max-iter 100)
+        TEXTPRE=(--profile uniform --num-train 20000 --num-test-per-class 20 --data-seed 1 --epochs 3 --batch-size 128)
+        VOCS=(10 20 50) SCALES=(0.25 0.5 1) OPEN_WORLD=(30 100) TRIM=20 TAIL_VOC=20
+        DINO_K=4096 DINO_SMALL=1024 DINO_VOCS=(1024) ;;
+    smoke)
+        LAUNCH=("$PY")
+        DATA=(--num-train 400 --num-test-per-class 2)
+        CLIP=(--epochs 1 --batch-size 64 --warmup 2)
+        SL=(--epochs 1 --batch-size 64)
+        DINO_DATA=(--num-train 400)
+        DINO=(--epochs 1 --batch-size 64 --warmup-epochs 0 --hidden-dim 64 --probe-classes 20
+              --probe-train-per-class 5 --probe-test-per-class 2 --probe-max-iter 5)
+        TEXTPRE=(--profile uniform --num-train 400 --num-test-per-class 2 --data-seed 1 --epochs 1 --batch-size 64 --warmup 2)
+        VOCS=(10 20) SCALES=(0.5 1) OPEN_WORLD=(10) TRIM=10 TAIL_VOC=20
+        DINO_K=256 DINO_SMALL=64 DINO_VOCS=(64) ;;
+    paper)
+        NPROC=${NPROC:-4}
+        LAUNCH=(torchrun "--nproc_per_node=$NPROC")
+        RECIPE=(--recipe paper --amp --workers "${WORKERS:-8}")
+        DATA=()
+        CLIP=("${RECIPE[@]}") SL=("${RECIPE[@]}") DINO=("${RECIPE[@]}") TEXTPRE=()
+        VOCS=(100 200 500) SCALES=(0.125 0.25 0.5 1) OPEN_WORLD=(100 300 900) TRIM=100 TAIL_VOC=100
+        DINO_K=65536 DINO_SMALL=16384 DINO_VOCS=(1024 4096 16384) ;;
+esac
+
+# ---- The plan: sections append runs; nothing runs until every section is listed -----------------------
+NAMES=() CMDS=() NEEDS=() ALIASES=()
+declare -A LISTED=() BY_CMD=()
+note() { echo "# $*"; }   # a remark; in --dry-run output it never starts with '+'
+
+# quote ARGS...: one shell-safe command line (plain words stay as they are, others get printf %q)
+quote() {
+    local out="" a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then out+="$a "; else out+="$(printf '%q' "$a") "; fi
+    done
+    echo "${out% }"
+}
+
+# plan1 NAME NEEDS SCRIPT ARGS...: one run in $OUT/NAME (NEEDS: a file that must exist first, or "").
+# A run already planned under the same name is listed once; the same command under another name becomes a
+# symlink to the first (e.g. Fig. 6's "no open-world concepts" is Fig. 3's most descriptive captions).
+plan1() {
+    local name=$1 needs=$2 script=$3
+    shift 3
+    [[ -n ${LISTED[$name]:-} ]] && return 0
+    LISTED[$name]=1
+    local key
+    key=$(quote "$script" "$@")
+    if [[ -n ${BY_CMD[$key]:-} ]]; then
+        ALIASES+=("$name=${BY_CMD[$key]}")
+        return 0
+    fi
+    BY_CMD[$key]=$name
+    NAMES+=("$name") NEEDS+=("$needs")
+    CMDS+=("$(quote "${LAUNCH[@]}" "$script" "$@" --out "$OUT/$name")")
+}
+
+# exp NAME SCRIPT ARGS...: one run per seed, NAME_s<seed>. NEEDS may be set for the call: NEEDS=f exp ...
+exp() {
+    local name=$1 s
+    shift
+    for s in $SEEDS; do plan1 "${name}_s$s" "${NEEDS:-}" "$@" --seed "$s"; done
+}
+
+# Data of each paper-scale source (quick/smoke: the synthetic world, $DATA). The section is skipped when
+# a variable is not set: need VAR... prints the message and returns 1.
+need() {
+    local v missing=()
+    for v in "$@"; do [[ -n ${!v:-} ]] || missing+=("$v"); done
+    ((${#missing[@]} == 0)) && return 0
+    note "skipped $SECTION: set ${missing[*]} (see the top of run_all.sh)"
+    return 1
+}
+incaps() {  # IN-Caps (1000 classes unless --classes follows), tested on ImageNet val
+    if [[ $MODE == paper ]]; then
+        D=(--data incaps --data-root "$INCAPS_ROOT" --val-root "$IMAGENET_VAL" --classes in1k)
+    else
+        D=("${DATA[@]}")
+    fi
+}
+laionet() {  # LAIONet (threshold 0.7); the synthetic world with LAIONet's class frequencies
+    if [[ $MODE == paper ]]; then
+        D=(--data tsv --train-file "$LAIONET_TSV" --val-root "$IMAGENET_VAL" --classes in1k)
+    else
+        D=("${DATA[@]}" --profile laionet-0.7)
+    fi
+}
+
+# The pre-trained text tower of Fig. 5 and Fig. 8/9 (Sec. 3.5, Appx. C.4). Paper scale: an open_clip
+# pretrained tag (CLIP_TEXT_INIT, RN50:openai by default, RN50's text tower). Quick/smoke: clip_tail.py
+# first trains a CLIP on a bigger, balanced synthetic corpus (another data seed) and its checkpoint stands
+# in for pre-trained CLIP; its zero-shot classifier is exported as the frozen SL head (--export-head).
+text_tower() {
+    if [[ $MODE == paper ]]; then
+        TEXT_INIT=${CLIP_TEXT_INIT:-RN50:openai} TEXT_NEEDS="" HEAD=${SL_HEAD:-clip-rn50} HEAD_NEEDS=""
+    else
+        local dir=$OUT/clip_textpre_s0
+        plan1 clip_textpre_s0 "" clip_tail.py "${TEXTPRE[@]}" --export-head "$dir/head.pt" --seed 0
+        TEXT_INIT=$dir/checkpoint.pt TEXT_NEEDS=$dir/final.json
+        HEAD=${SL_HEAD:-$dir/head.pt} HEAD_NEEDS=$([[ -z ${SL_HEAD:-} ]] && echo "$dir/head.pt")
+    fi
+}
+
+# ---- Sections ---------------------------------------------------------------------------------------
+
+# Fig. 1: (a) class-frequency profiles of the pre-training sets -- drawn by report.py from metadata/freqs;
+# (b) pre-trained open_clip models: zero-shot accuracy / prediction counts vs their data's frequencies.
+section_fig1() {
+    note "fig1a: frequency profiles are drawn by report.py from metadata/freqs"
+    if [[ $MODE != paper ]]; then
+        note "skipped fig1b: pre-trained open_clip models are evaluated at paper scale only (IMAGENET_VAL)"
+        return
+    fi
+    need IMAGENET_VAL || return
+    local entries=() missing=() e
+    local models=${CLIP_PRETRAINED:-"RN50:yfcc15m:yfcc15m RN50:cc12m:cc12m ViT-B-32:laion400m_e32:laion400m \
+ViT-B-32:laion2b_s34b_b79k:laion2b ViT-B-32:metaclip_400m:metaclip-400m ViT-B-32:metaclip_fullcc:metaclip-fullcc"}
+    for e in $models; do
+        if ((DRY)) || have_weights "${e%%:*}" "$(cut -d: -f2 <<<"$e")"; then entries+=(--pretrained "$e"); else missing+=("$e"); fi
+    done
+    ((${#missing[@]})) && note "fig1b: weights not in the local cache, skipped: ${missing[*]}"
+    ((${#entries[@]})) || { note "skipped fig1b: no pre-trained weights found"; return; }
+    # one run folder, one row per model in results.csv
+    plan1 fig1_pretrained "" clip_tail.py --eval-only --data imagefolder --data-root "$IMAGENET_VAL" \
+        --val-root "$IMAGENET_VAL" --classes in1k "${entries[@]}" --workers "${WORKERS:-8}"
+}
+
+# Is an open_clip model's pretrained weight file in the local cache? (never downloads; Fig. 1b)
+have_weights() {
+    "$PY" - "$1" "$2" <<'EOF' 2>/dev/null
+import os, sys
+import open_clip
+name, tag = sys.argv[1:3]
+cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+found = os.path.isfile(tag)
+if cfg.get("hf_hub") and not found:
+    import huggingface_hub
+    repo, filename = os.path.split(cfg["hf_hub"])
+    for f in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
+        hit = huggingface_hub.try_to_load_from_cache(repo, f)
+        found = found or (isinstance(hit, str) and os.path.isfile(hit))
+if cfg.get("url") and not found:
+    found = os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"])))
+sys.exit(0 if found else 1)
+EOF
+}
+
+# Fig. 3: (a) CLIP with captions of growing descriptiveness (Sec. 3.2) vs SL with vocabulary
+# subsampling (Sec. 3.3): prediction-count correlation with frequency, and accuracy.
+section_fig3() {
+    [[ $MODE == paper ]] && { need INCAPS_ROOT IMAGENET_VAL || return; }
+    local D v
+    incaps
+    exp clip_template clip_tail.py "${D[@]}" "${CLIP[@]}" --captions template
+    exp clip_title clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title
+    exp clip_title-desc clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title,description
+    exp clip_title-desc-tags clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural \
+        --caption-fields title,description,tags
+    exp sl_voc0 sl_tail.py "${D[@]}" "${SL[@]}" --voc 0
+    for v in "${VOCS[@]}"; do exp "sl_voc$v" sl_tail.py "${D[@]}" "${SL[@]}" --voc "$v"; done
+}
+
+# Fig. 4: the data distribution (Sec. 3.4): IN-Caps vs LAIONet, LAIONet resampled to IN-Caps'
+# frequencies ('=freq'), and (quick) a more diverse LAIONet-like world (the analogue of a lower
+# text-definition threshold) / (paper) YFCC-15M-Cls.
+section_fig4() {
+    local D
+    if [[ $MODE != paper ]] || need INCAPS_ROOT IMAGENET_VAL; then
+        incaps
+        exp clip_title-desc-tags clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural \
+            --caption-fields title,description,tags
+    fi
+    if [[ $MODE != paper ]] || need LAIONET_TSV IMAGENET_VAL; then
+        laionet
+        exp clip_laionet clip_tail.py "${D[@]}" "${CLIP[@]}"
+        exp clip_laionet-freqmatch clip_tail.py "${D[@]}" "${CLIP[@]}" --freq-match incaps
+    fi
+    if [[ $MODE != paper ]]; then
+        laionet
+        exp clip_laionet-diverse clip_tail.py "${D[@]}" "${CLIP[@]}" --diversity 1.0
+    elif need YFCC_TSV IMAGENET_VAL; then
+        exp clip_yfcc clip_tail.py --data tsv --train-file "$YFCC_TSV" --val-root "$IMAGENET_VAL" --classes in1k \
+            "${CLIP[@]}"
+    fi
+}
+
+# Fig. 5: data scale x text encoder (Sec. 3.5): from scratch, pre-trained and frozen, pre-trained and
+# fine-tuned, on growing uniform subsets of LAIONet.
+section_fig5() {
+    [[ $MODE == paper ]] && { need LAIONET_TSV IMAGENET_VAL || return; }
+    local D f frac
+    text_tower
+    laionet
+    for f in "${SCALES[@]}"; do
+        frac=(); [[ $f != 1 ]] && frac=(--subset-frac "$f")
+        exp "clip_scratch_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" "${frac[@]+"${frac[@]}"}"
+        NEEDS=$TEXT_NEEDS exp "clip_frozen_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
+            "${frac[@]+"${frac[@]}"}" --text-init "$TEXT_INIT" --lock-text
+        NEEDS=$TEXT_NEEDS exp "clip_finetune_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
+            "${frac[@]+"${frac[@]}"}" --text-init "$TEXT_INIT"
+    done
+}
+# (the scale-1 scratch run is the same command as Fig. 4's clip_laionet, so they share it)
+
+# Fig. 6: open-world concepts (Sec. 3.6): captions also describe N classes outside the evaluated ones.
+# Paper scale: ImageNet-Captions-100 plus the other IN-Caps classes as open-world concepts.
+section_fig6() {
+    [[ $MODE == paper ]] && { need INCAPS_ROOT IMAGENET_VAL || return; }
+    local D n
+    incaps
+    [[ $MODE == paper ]] && D+=(--classes in100)
+    exp clip_ow0 clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title,description,tags
+    for n in "${OPEN_WORLD[@]}"; do
+        exp "clip_ow$n" clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title,description,tags \
+            --open-world "$n"
+    done
+}
+
+# Fig. 7: neural collapse (NC1, NC2) of CLIP vs SL features -- report.py reads the NC metrics every run
+# writes; this section lists the runs it compares (shared with Fig. 3 and Fig. 5).
+section_fig7() {
+    [[ $MODE == paper ]] && { need INCAPS_ROOT IMAGENET_VAL || return; }
+    local D
+    incaps
+    exp clip_template clip_tail.py "${D[@]}" "${CLIP[@]}" --captions template
+    exp clip_title-desc-tags clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural \
+        --caption-fields title,description,tags
+    exp sl_voc0 sl_tail.py "${D[@]}" "${SL[@]}" --voc 0
+    exp "sl_voc${VOCS[1]}" sl_tail.py "${D[@]}" "${SL[@]}" --voc "${VOCS[1]}"
+}
+
+# Fig. 8/9: the extreme long tail (Sec. 4.1): the TRIM rarest classes cut to one shot / zero shots.
+# CLIP with a frozen pre-trained text tower, SL, SL + frozen class prototypes, SL + frozen prototypes +
+# vocabulary subsampling; tail vs other accuracy (Fig. 8), the head's affinity matrix (Fig. 9a).
+section_fig8() {
+    [[ $MODE == paper ]] && { need INCAPS_ROOT IMAGENET_VAL || return; }
+    local D shots t
+    text_tower
+    incaps
+    for shots in 1 0; do
+        t=(--trim-tail "$TRIM" --tail-shots "$shots")
+        NEEDS=$TEXT_NEEDS exp "clip-frozen_tail$shots" clip_tail.py "${D[@]}" "${t[@]}" "${CLIP[@]}" \
+            --text-init "$TEXT_INIT" --lock-text
+        exp "sl_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0
+        NEEDS=$HEAD_NEEDS exp "sl-frozen_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0 \
+            --head frozen --head-file "$HEAD"
+        NEEDS=$HEAD_NEEDS exp "sl-frozen-voc_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc "$TAIL_VOC" \
+            --head frozen --head-file "$HEAD"
+    done
+}
+
+# Fig. 10 / Table 2: DINO (Sec. 4.2) on a balanced set (ImageNet; quick: the uniform synthetic world) and
+# on the imbalanced one (LAIONet; quick: the LAIONet-profile world): vanilla K prototypes, a plain smaller
+# head, and subsampling V of K prototypes per iteration; linear-probe transfer of the frozen backbone.
+section_fig10() {
+    [[ -f dino_tail.py ]] || { note "skipped fig10: dino_tail.py is not in this checkout yet"; return; }
+    local bal=() imb=() v
+    if [[ $MODE == paper ]]; then
+        need LAIONET_TSV TRANSFER_ROOT || return
+        local tasks=${TRANSFER_TASKS:-fgvc_aircraft,caltech101,stanford_cars,cifar10,cifar100,dtd,flowers102,food101,oxford_pets,sun397,voc2007}
+        local probe=(--transfer "$tasks" --transfer-root "$TRANSFER_ROOT")
+        imb=(--data tsv --train-file "$LAIONET_TSV" "${probe[@]}")
+        if [[ -n ${IMAGENET_TRAIN:-} ]]; then
+            bal=(--data imagefolder --data-root "$IMAGENET_TRAIN" "${probe[@]}")
+        else
+            note "fig10: IMAGENET_TRAIN is not set, the ImageNet row of Table 2 is skipped"
+        fi
+    else
+        bal=("${DINO_DATA[@]}" --profile uniform) imb=("${DINO_DATA[@]}" --profile laionet-0.7)
+    fi
+    ((${#bal[@]})) && exp dino_balanced dino_tail.py "${bal[@]}" "${DINO[@]}" --prototypes "$DINO_K"
+    exp dino_vanilla dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_K"
+    exp dino_small-head dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_SMALL"
+    for v in "${DINO_VOCS[@]}"; do
+        exp "dino_voc$v" dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_K" --voc "$v"
+    done
+}
+
+for SECTION in "${SECTIONS[@]}"; do
+    if ((${#ONLY[@]})); then
+        wanted=" ${ONLY[*]} "
+        wanted=${wanted// fig9 / fig8 }
+        [[ $wanted == *" $SECTION "* ]] || continue
+    fi
+    "section_$SECTION"
+done
+REPORT_CMD=$(quote "$PY" report.py --runs "$OUT" --out "$REPORT_DIR")
+
+# ---- Dry run: the plan ------------------------------------------------------------------------------
+if ((DRY)); then
+    for i in "${!CMDS[@]}"; do echo "+ ${CMDS[i]}"; done
+    for a in "${ALIASES[@]+"${ALIASES[@]}"}"; do note "$OUT/${a%%=*} -> ${a#*=} (same command)"; done
+    echo "+ $REPORT_CMD"
+    exit 0
+fi
+
+# ---- Run it -----------------------------------------------------------------------------------------
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1
+FAILED=()
+total=${#CMDS[@]}
+started=$SECONDS
+echo "run_all.sh: $total runs ($MODE) into $OUT"
+for i in "${!CMDS[@]}"; do
+    name=${NAMES[i]} dir=$OUT/${NAMES[i]} log=$OUT/logs/${NAMES[i]}.log
+    printf '[%d/%d] %s ... ' $((i + 1)) "$total" "$name"
+    if [[ -f $dir/final.json || -f $dir/results.json ]]; then
+        echo "done earlier"
+        continue
+    fi
+    if [[ -n ${NEEDS[i]} && ! -e ${NEEDS[i]} ]]; then
+        echo "FAILED: needs ${NEEDS[i]} (an earlier run failed)"
+        FAILED+=("$name (needs ${NEEDS[i]})")
+        continue
+    fi
+    cmd=${CMDS[i]}
+    [[ -f $dir/checkpoint.pt ]] && cmd+=" --resume"
+    t0=$SECONDS
+    echo "+ $cmd" >"$log"
+    if eval "$cmd" >>"$log" 2>&1; then
+        echo "ok $((SECONDS - t0))s"
+    else
+        rc=$?
+        echo "FAILED (exit $rc) $((SECONDS - t0))s: $(tail -n 1 "$log")"
+        FAILED+=("$name (exit $rc, log $log)")
+    fi
+done
+for a in "${ALIASES[@]+"${ALIASES[@]}"}"; do  # shared runs: DIR/<name> -> <first name>
+    [[ -e $OUT/${a%%=*} ]] || ln -s "${a#*=}" "$OUT/${a%%=*}"
+done
+echo "+ $REPORT_CMD"
+if ! eval "$REPORT_CMD"; then FAILED+=("report.py"); fi
+elapsed=$((SECONDS - started))
+echo "run_all.sh: $total runs in $((elapsed / 60))m$((elapsed % 60))s; report in $REPORT_DIR/REPORT.md"
+if ((${#FAILED[@]})); then
+    echo "run_all.sh: ${#FAILED[@]} failed:"
+    printf '  %s\n' "${FAILED[@]}"
+    exit 1
+fi
