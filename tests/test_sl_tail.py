@@ -19,13 +19,29 @@ import data
 import sl_tail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny world: 600 training images of the 100 ImageNet-100 classes, 5 test images per class.
-TINY = ["--num-train", "600", "--num-test-per-class", "5", "--image-size", "32", "--batch-size", "32",
+# A tiny world: 600 training images of the 100 ImageNet-100 classes, 5 test images per class; 2 steps of
+# 300 images per epoch. Few steps on purpose: this small net's training is chaotic (a 1e-7 difference in
+# reduction order, e.g. 1 vs 2 threads in one process, grows ~10x per step after ~6 steps: at 32 px the
+# last stage is 1x1, and BatchNorm over near-constant channels amplifies), so two runs that differ only in
+# the process count agree to float tolerance only over a short run.
+BATCH, STEPS = 300, 2
+TINY = ["--num-train", "600", "--num-test-per-class", "5", "--image-size", "32", "--batch-size", str(BATCH),
         "--epochs", "2", "--lr", "0.02", "--workers", "0"]
+VOC = ["--voc", "97"]  # a 300-sample batch holds ~90 of the 100 classes: the rest is drawn
 
 
 def draw(batch, size, weights, seed):
     return sl_tail.sample_vocabulary(torch.as_tensor(batch), size, weights, torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process runs use one thread, as the subprocess runs do (OMP_NUM_THREADS=1): on a shared
+    2-core machine, two spinning intra-op threads are many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- the sampler --------------------------------------------------------------------------------------
@@ -239,14 +255,19 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("world_cache"))
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CLIP_TAIL_DEBUG="1")
+def _env(debug=True):
+    """One thread per process; CLIP_TAIL_DEBUG=1 makes sl_tail.py check that all ranks hold the same vocabulary
+    (and run_cli show tracebacks)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CLIP_TAIL_DEBUG="1")
+    if not debug:
+        env.pop("CLIP_TAIL_DEBUG")
+    return env
 
 
-def _run(args, cache_dir, nproc=1, check=True):
+def _run(args, cache_dir, nproc=1, check=True, debug=True):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launcher + ["sl_tail.py", *args, "--cache-dir", cache_dir], cwd=REPO, env=_env(),
+    proc = subprocess.run(launcher + ["sl_tail.py", *args, "--cache-dir", cache_dir], cwd=REPO, env=_env(debug),
                           capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -266,7 +287,7 @@ def _log(out):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache_dir):
     out = str(tmp_path_factory.mktemp("runs") / "one")
-    _run([*TINY, "--voc", "20", "--out", out], cache_dir)
+    _run([*TINY, *VOC, "--out", out], cache_dir)
     return out
 
 
@@ -274,13 +295,13 @@ def test_run_outputs(reference_run):
     final = _final(reference_run)
     for key in ("top1", "corr_acc", "corr_pred", "nc1", "nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn", "voc_effective"):
         assert key in final
-    assert 20 <= final["voc_effective"] <= 32                 # a 32-sample batch has at most 32 classes
+    assert 97 <= final["voc_effective"] < 100
     log = _log(reference_run)
     assert [r["epoch"] for r in log] == [0, 1]
     assert final["voc_effective"] == pytest.approx(np.mean([r["voc_effective"] for r in log]))
     assert {"loss", "lr", "voc_effective", "logit_scale", "time"} <= set(log[0])
     args = json.load(open(os.path.join(reference_run, "args.json")))
-    assert args["voc"] == 20 and args["batch_size"] == 32
+    assert args["voc"] == 97 and args["batch_size"] == BATCH
     per_class = open(os.path.join(reference_run, "per_class.csv")).read().splitlines()
     assert len(per_class) == 101
     aff = np.load(os.path.join(reference_run, "affinity.npz"))
@@ -291,22 +312,25 @@ def test_run_outputs(reference_run):
 
 def test_two_processes_match_one(reference_run, tmp_path, cache_dir):
     out = str(tmp_path / "two")
-    _run([*TINY, "--voc", "20", "--out", out], cache_dir, nproc=2)   # CLIP_TAIL_DEBUG checks equal vocabularies
+    _run([*TINY, *VOC, "--out", out], cache_dir, nproc=2)   # CLIP_TAIL_DEBUG checks equal vocabularies
     one, two = _final(reference_run), _final(out)
     for a, b in zip(_log(reference_run), _log(out)):
         assert a["voc_effective"] == b["voc_effective"]           # the same vocabularies, step by step
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)    # unsynced BN or a sum-not-mean: ~1e-2
         assert a["logit_scale"] == pytest.approx(b["logit_scale"], rel=1e-4)
-    assert abs(one["top1"] - two["top1"]) <= 2 / one["num_eval"]
+    assert abs(one["top1"] - two["top1"]) <= 1 / one["num_eval"]
     for key in ("corr_acc", "corr_pred"):
-        assert one[key] == pytest.approx(two[key], abs=0.05)
-    for key in ("nc2_w", "nc2_w_nn", "logit_scale"):
+        assert one[key] == pytest.approx(two[key], abs=0.02)
+    for key in ("nc2_m", "nc2_m_nn", "nc2_w", "nc2_w_nn", "logit_scale", "voc_effective"):
         assert one[key] == pytest.approx(two[key], rel=1e-3)
+    # NC1 = tr(S_W S_B^+) / C goes through the pseudo-inverse of a nearly singular S_B after 4 steps:
+    # a 1e-5 change of the features moves it by ~1%; misordered gathers move it by far more
+    assert one["nc1"] == pytest.approx(two["nc1"], rel=0.05)
 
 
 def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path, cache_dir):
     out = str(tmp_path / "killed")
-    cmd = [sys.executable, "sl_tail.py", *TINY, "--voc", "20", "--out", out, "--cache-dir", cache_dir]
+    cmd = [sys.executable, "sl_tail.py", *TINY, *VOC, "--out", out, "--cache-dir", cache_dir]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -318,7 +342,7 @@ def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path, cache_dir
         proc.wait()
     assert not os.path.exists(os.path.join(out, "final.json")), "the run ended before it could be killed"
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
-    _run([*TINY, "--voc", "20", "--out", out, "--resume"], cache_dir)
+    _run([*TINY, *VOC, "--out", out, "--resume"], cache_dir)
     assert _final(out) == _final(reference_run)
     assert [{k: v for k, v in r.items() if k != "time"} for r in _log(out)] == \
         [{k: v for k, v in r.items() if k != "time"} for r in _log(reference_run)]
@@ -331,11 +355,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, cache_dir
     def nan_in_second_epoch(*a, **k):
         loss = real(*a, **k)
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] > 600 // 32 + 2 else loss   # epoch 1, step 2
+        return loss * float("nan") if calls["n"] > STEPS + 1 else loss   # epoch 1, step 1
 
     monkeypatch.setattr(sl_tail, "vocabulary_loss", nan_in_second_epoch)
     out = str(tmp_path / "nan")
-    with pytest.raises(FloatingPointError, match="at epoch 1 step 2"):
+    with pytest.raises(FloatingPointError, match="at epoch 1 step 1"):
         sl_tail.main([*TINY, "--out", out, "--cache-dir", cache_dir])
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
     assert not os.path.exists(os.path.join(out, "final.json"))
@@ -385,12 +409,12 @@ def test_head_with_wrong_number_of_classes(tmp_path, cache_dir):
 
 
 def test_batch_not_divisible_by_processes(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(data, "init_distributed", lambda device="auto": data.Dist(rank=0, world_size=3))
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    monkeypatch.setattr(data, "init_distributed", lambda device="auto": data.Dist(rank=0, world_size=7))
+    with pytest.raises(ValueError, match=f"--batch-size {BATCH} is not divisible by the 7 processes"):
         sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir])
 
 
 def test_bad_flag_is_one_line_exit_2(tmp_path, cache_dir):
-    proc = _run([*TINY, "--voc", "500", "--out", str(tmp_path / "bad")], cache_dir, check=False)
+    proc = _run([*TINY, "--voc", "500", "--out", str(tmp_path / "bad")], cache_dir, check=False, debug=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "sl_tail.py: error: --voc 500 is larger than the 100 classes"
