@@ -424,8 +424,9 @@ def _render(app, ids, spec, gen):
     images = torch.empty(n, 3, s, s, dtype=torch.uint8)
     colour_word = torch.empty(n, dtype=torch.long)
     bg_word = torch.empty(n, dtype=torch.long)
-    for lo in range(0, n, RENDER_CHUNK):
-        sl = slice(lo, min(n, lo + RENDER_CHUNK))
+    chunk = RENDER_CHUNK * 32 * 32 // (s * s)  # ~2048 images of 32 px: intermediates stay in cache
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(n, lo + chunk))
         m = sl.stop - sl.start
         coef = app.coefficients(ids[sl], spec.diversity, spec.detail, gen)
         # background: class context colour (fish -> water-like) + smooth per-sample variation

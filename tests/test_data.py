@@ -440,7 +440,8 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
         for k in range(n):
             png(str(root / "train" / name / f"{k}.png"))
         png(str(root / "val" / name / "v.png"))
-    d = data.load_data(opts(tmp_path, "--data", "imagefolder", "--data-root", str(root), "--image-size", "8"))
+    with pytest.warns(UserWarning, match="no captions; using template captions"):
+        d = data.load_data(opts(tmp_path, "--data", "imagefolder", "--data-root", str(root), "--image-size", "8"))
     assert d.classnames == ["cats", "dogs"] and d.train_counts.tolist() == [3, 1] and d.imagenet_ids == [-1, -1]
     assert d.train[0][2] in {t("cats") for t in data.caption_templates()}  # template captions
     # ImageNet-V2 layout (folders named by class index) as an extra evaluation set of a synthetic run
@@ -470,21 +471,22 @@ def test_cifar100_lt_loader(tmp_path):
                          "fine_labels": labels.tolist()}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": names}, f)
-    d = data.load_data(opts(tmp_path, "--data", "cifar100-lt", "--data-root", str(tmp_path / "c"), "--imbalance", "10"))
+    d = data.load_data(opts(tmp_path, "--data", "cifar100-lt", "--data-root", str(tmp_path / "c"), "--imbalance", "10",
+                            "--captions", "template"))
     expected = [int(20 * 10 ** (-c / 99)) for c in range(100)]  # n_max * imbalance^(-c/(C-1))
     assert d.train_counts.tolist() == expected and d.train_counts[0] / d.train_counts[-1] == 10
     assert d.classnames[3] == "class 3" and len(d.test) == 200
     x, y, c = d.train[0]
     assert x.shape == (3, 32, 32) and "class 0" in c
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
-        data.load_data(opts(tmp_path, "--data", "cifar100-lt", "--data-root", str(tmp_path)))
+        data.load_data(opts(tmp_path, "--data", "cifar100-lt", "--data-root", str(tmp_path), "--captions", "template"))
 
 
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nodir"):
         data.load_data(opts(tmp_path, "--data", "incaps", "--data-root", str(tmp_path / "nodir")))
     with pytest.raises(ValueError, match="--data-root is required"):
-        data.load_data(opts(tmp_path, "--data", "imagefolder"))
+        data.load_data(opts(tmp_path, "--data", "imagefolder", "--captions", "template"))
     png(str(tmp_path / "r" / "train" / WNIDS[IN100[0]] / "a.png"))
     (tmp_path / "r" / "imagenet_captions.json").write_text(json.dumps([dict(wnid=WNIDS[IN100[0]], filename="a.png")]))
     with pytest.raises(FileNotFoundError, match="novalroot"):
