@@ -8,8 +8,9 @@ cross-entropy, Adam) twice on worlds of the same size -- one with uniform class 
   - Spearman of the long-tailed model's per-class prediction counts vs class frequency (head bias);
   - the fraction of errors that go to one of the 5 nearest classes by text-embedding similarity
     (chance would be 5 / (C-1)).
-Also the time to render each world. Example (about 6 min on a 2-core CPU):
-    python benchmarks/calibrate_world.py --epochs 6
+Also the time to load/render each world. The README's numbers come from
+    python benchmarks/calibrate_world.py --epochs 4
+(one torch thread; 9-18 min per model on the shared 2-core CPU, --only runs one of the two).
 """
 import argparse
 import os
