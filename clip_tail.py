@@ -16,7 +16,7 @@ imbalance and open-world concepts (Sec. 3.4-3.6, data flags), and the text encod
   python clip_tail.py --recipe paper --data incaps --data-root DIR --val-root IMAGENET_VAL   # Appx. C.1
   python clip_tail.py --captions template --export-head head.pt   # text classifier for sl_tail.py --head frozen
   python clip_tail.py --eval-only --pretrained RN50:yfcc15m:yfcc15m --pretrained ViT-B-32:laion400m_e32:laion400m \\
-      --data imagefolder --val-root IMAGENET_VAL      # Fig. 1b: one row per model in results.csv
+      --classes in1k --val-root IMAGENET_VAL          # Fig. 1b: one row per model in results.csv
 
 Outputs in --out: args.json, log.jsonl, checkpoint.pt, final.json, per_class.csv, eval.npz. checkpoint.pt
 is in open_clip's format: after open_clip.add_model_config(clip_tail.MODEL_CONFIGS),
@@ -37,9 +37,10 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 import metrics
-from data import (RunDir, add_data_args, all_gather_cat, check_finite, eval_loader, frequency_profile,
-                  gather_eval, init_distributed, load_checkpoint, load_data, rng_state, run_cli,
-                  save_checkpoint, seed_everything, set_rng_state, sync_batchnorm, train_loader, write_json)
+from data import (LongTailData, RunDir, add_data_args, all_gather_cat, check_finite, eval_image_folder, eval_loader,
+                  frequency_profile, gather_eval, imagenet_classnames, imagenet_synonyms, init_distributed,
+                  load_checkpoint, load_data, rng_state, run_cli, save_checkpoint, seed_everything, select_classes,
+                  set_rng_state, sync_batchnorm, train_loader, write_json)
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 32 at 32 px and a
 # 3-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -257,7 +258,7 @@ def train_one_epoch(model, loss_fn, tokenizer, optimizer, scheduler, data, epoch
             image_features, text_features, logit_scale = model(images, texts)
             loss = loss_fn(image_features, text_features, logit_scale)
         rank_losses = all_gather_cat(loss.detach().float().reshape(1), dist)
-        check_finite(rank_losses, epoch, step)  # every rank sees every loss, so all stop together
+        check_finite(rank_losses.sum(), epoch, step)  # every rank sees every loss, so all stop together
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -373,6 +374,18 @@ def pretrained_model(name, tag, device):
     return model, transform
 
 
+def validation_only_data(args, transform):
+    """Fig. 1b needs no training set: the --classes of ImageNet (in1k for the full val set) read from the
+    --val-root ImageFolder (and --extra-eval folders), frequencies from a table (--freq-table / :FREQ)."""
+    ids = select_classes(args.classes, args.data_seed)
+    names, synonyms = [imagenet_classnames()[i] for i in ids], [imagenet_synonyms()[i] for i in ids]
+    folders = dict(spec.partition("=")[::2] for spec in args.extra_eval)
+    return LongTailData(classnames=names, synonyms=synonyms, imagenet_ids=ids, train_counts=None, train=None,
+                        test=eval_image_folder(args.val_root, names, ids, transform, args.max_bad_frac),
+                        extra_eval={name: eval_image_folder(folder, names, ids, transform, args.max_bad_frac)
+                                    for name, folder in folders.items()})
+
+
 def evaluate_pretrained(args, dist):
     entries = []
     for spec in args.pretrained:
@@ -382,12 +395,16 @@ def evaluate_pretrained(args, dist):
         if len(parts) not in (2, 3) or not all(parts):
             raise ValueError(f"--pretrained {spec!r}: expected MODEL:TAG[:FREQ] (or TAG with --model)")
         entries.append((parts[0], parts[1], parts[2] if len(parts) == 3 else args.freq_table))
-    for name, tag, _ in entries:  # all weights present before any work starts
+    validation_only = args.data == "synthetic" and args.val_root
+    for name, tag, freq in entries:  # all weights (and frequency tables) present before any work starts
         cached_pretrained_file(name, tag)
+        if validation_only and not freq:
+            raise ValueError(f"--pretrained {name}:{tag}: give the frequency profile of its training data "
+                             "(MODEL:TAG:FREQ or --freq-table NAME), or a training set by data flags")
     rows = []
     for name, tag, freq in entries:
         model, transform = pretrained_model(name, tag, dist.device)
-        data = load_data(args, test_transform=transform)
+        data = validation_only_data(args, transform) if validation_only else load_data(args, test_transform=transform)
         out = os.path.join(args.out, f"{name}_{os.path.basename(tag)}".replace("/", "-"))
         final = evaluate_and_write(model, open_clip.get_tokenizer(name), data, class_frequencies(data, freq), out,
                                    dist, args, extra=dict(model=name, pretrained=tag, freq_table=freq))

@@ -363,6 +363,58 @@ def test_eval_only_without_weights_fails_clearly(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out" / "results.csv").exists()
 
 
+def test_eval_only_pretrained_on_val_folder(reference_run, tmp_path, monkeypatch, capsys):
+    """Fig. 1b's path: --eval-only --pretrained MODEL:WEIGHTS:FREQ on an ImageNet-style --val-root (wnid
+    folders) with no training set; a weight file stands in for a downloaded tag."""
+    from PIL import Image
+    ids = data.imagenet100_ids()[:3]
+    rng = np.random.default_rng(0)
+    for iid in ids:
+        folder = tmp_path / "val" / data.imagenet_wnids()[iid]
+        folder.mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    out = tmp_path / "pre"
+    spec = f"RN-micro:{reference_run / 'checkpoint.pt'}:incaps"
+    code, err = run_in_process(["--eval-only", "--pretrained", spec, "--val-root", str(tmp_path / "val"),
+                                "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 1 and rows[0]["model"] == "RN-micro" and rows[0]["freq_table"] == "incaps"
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    saved = read_eval(run_dir)
+    assert saved["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    # all 100 classes (--classes in100) are evaluated, against the IN-Caps-100 profile (read here directly)
+    table = os.path.join(REPO, "metadata", "freqs", "class_frequency_incaps_imagenet100_ori.txt")
+    counts = [float(line.split("\t")[1]) for line in open(table) if line.strip()]
+    np.testing.assert_allclose(saved["train_counts"], counts)
+    assert rows[0]["top1"] == pytest.approx(float((saved["preds"] == saved["labels"]).mean()))
+
+
+def test_cached_pretrained_tag_is_found_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--timm--resnet50_clip.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    weights = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"stand-in")
+    assert clip_tail.cached_pretrained_file("RN50", "openai") == str(weights)
+    with pytest.raises(ValueError, match="no_such_tag"):
+        clip_tail.cached_pretrained_file("RN50", "no_such_tag")
+
+
+def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    code, err = run_in_process([*tiny_flags(world_cache), "--epochs", "1", "--lr", "1e30", "--warmup", "0",
+                                "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after tqdm's progress bar
+    assert last.startswith("clip_tail.py: error: loss became") and "epoch 0 step" in last, err
+    assert not (out / "final.json").exists()
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--lock-text"], ["--lock-text", "--text-init"]),
     (["--pretrained", "openai"], ["--eval-only"]),
