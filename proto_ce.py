@@ -44,6 +44,7 @@ import importlib.util
 import os
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -73,6 +74,13 @@ def proto_cross_entropy(x, w, idx, labels, logit_scale, reduction="mean"):
     if not _extension_handles(x.device):
         return reference_proto_cross_entropy(x, w, idx, labels, logit_scale, reduction)
     target_pos = torch.ops.proto_ce.label_positions(idx, labels, w.shape[0])
+    if reduction != "none" and (x.device.type, "xent_fused") in _LOADED.kernels:
+        # One pass: the kernel returns the gradients for an upstream gradient of 1 with the loss.
+        grad_on = torch.is_grad_enabled()
+        loss, _, _, _ = torch.ops.proto_ce.xent_fused(
+            x, w, idx, target_pos, logit_scale, reduction == "mean", grad_on and x.requires_grad,
+            grad_on and w.requires_grad, grad_on and logit_scale.requires_grad)
+        return loss
     loss, _ = torch.ops.proto_ce.xent_forward(x, w, idx, target_pos, logit_scale)
     return _reduce(loss, reduction)
 
@@ -221,6 +229,39 @@ def _register_python_side():
 
     torch.library.register_autograd("proto_ce::xent_forward", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("proto_ce::xent_fused")
+    def _xent_fused_fake(x, w, idx, target_pos, scale, mean, need_x, need_w, need_scale):
+        acc = _acc_dtype(x.dtype)
+        return (x.new_empty((), dtype=acc),
+                x.new_empty(x.shape if need_x else (0,), dtype=acc),
+                x.new_empty((idx.shape[0], x.shape[1]) if need_w else (0,), dtype=acc),
+                x.new_empty(() if need_scale else (0,), dtype=acc))
+
+    def fused_setup_context(ctx, inputs, output):
+        x, w, idx, _, scale, _, need_x, need_w, need_scale = inputs
+        _, grad_x, grad_w_rows, grad_scale = output
+        ctx.mark_non_differentiable(grad_x, grad_w_rows, grad_scale)
+        ctx.save_for_backward(idx, grad_x, grad_w_rows, grad_scale)
+        ctx.computed = (need_x, need_w, need_scale)
+        ctx.dtypes = (x.dtype, w.dtype, scale.dtype)
+        ctx.w_shape = w.shape
+
+    def fused_backward(ctx, grad_loss, *_unused):
+        idx, grad_x, grad_w_rows, grad_scale = ctx.saved_tensors
+        want_x, want_w, _, _, want_scale = ctx.needs_input_grad[:5]
+        if (want_x and not ctx.computed[0]) or (want_w and not ctx.computed[1]) or (want_scale and not ctx.computed[2]):
+            raise RuntimeError("proto_ce: xent_fused was called without computing a gradient that autograd needs")
+        x_dtype, w_dtype, scale_dtype = ctx.dtypes
+        out_x = (grad_x * grad_loss).to(x_dtype) if want_x else None
+        out_w = None
+        if want_w:  # rows outside idx: exactly zero
+            out_w = grad_w_rows.new_zeros(ctx.w_shape, dtype=w_dtype)
+            out_w.index_copy_(0, idx, (grad_w_rows * grad_loss).to(w_dtype))
+        out_scale = (grad_scale * grad_loss).to(scale_dtype) if want_scale else None
+        return out_x, out_w, None, None, out_scale, None, None, None, None
+
+    torch.library.register_autograd("proto_ce::xent_fused", fused_backward, setup_context=fused_setup_context)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loader: prebuilt extension -> cached JIT build -> reference
@@ -229,6 +270,7 @@ def _register_python_side():
 class _Loaded:
     where = None        # what was loaded (for messages), None when the reference is used
     has_cuda = False    # whether the loaded library registered CUDA kernels
+    kernels = frozenset()  # (device type, op name) pairs with a registered kernel
 
 
 _LOADED = _Loaded()
@@ -289,20 +331,43 @@ def _jit_build(with_cuda):
     os.makedirs(build_dir, exist_ok=True)
     library = os.path.join(build_dir, name + ".so")
     lock = os.path.join(build_dir, "lock")  # torch's FileBaton: present while a process is building
-    if os.path.exists(library) and not os.path.exists(lock):
+    if not os.path.exists(library):
+        _wait_for_lock(lock)
+    if os.path.exists(library):  # the folder name is a hash of the sources: an existing build is current
         torch.ops.load_library(library)
         return library
-    if os.path.exists(lock):
-        print(f"proto_ce: waiting for another process compiling the extension in {build_dir} "
-              f"(if none is running, delete {lock})", file=sys.stderr, flush=True)
-    else:
-        print(f"proto_ce: compiling the C++{' and CUDA' if with_cuda else ''} kernels into {build_dir} "
-              "(first use only; a few minutes)...", file=sys.stderr, flush=True)
+    print(f"proto_ce: compiling the C++{' and CUDA' if with_cuda else ''} kernels into {build_dir} "
+          "(first use only; a few minutes)...", file=sys.stderr, flush=True)
     flags = ["-O3", f"-DPROTO_CE_SOURCES_HASH={source_hash}"] + (["-DPROTO_CE_WITH_CUDA"] if with_cuda else [])
     cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_cuda_cflags=flags,
                        build_directory=build_dir, with_cuda=with_cuda, is_python_module=False,
                        verbose=os.environ.get("PROTO_CE_VERBOSE") == "1")
     return library
+
+
+def _wait_for_lock(lock, quiet_seconds=10.0, stale_seconds=30 * 60):
+    """Waits while another process compiles into this build folder (it holds torch's FileBaton `lock`).
+
+    A lock older than `stale_seconds` was left by a process that died while compiling: it is removed,
+    and this process compiles (torch's own wait would hang on it forever)."""
+    waited = 0.0
+    while os.path.exists(lock):
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:  # released in the meantime
+            continue
+        if age > stale_seconds:
+            print(f"proto_ce: removing the stale build lock {lock} ({age / 60:.0f} min old)", file=sys.stderr)
+            try:
+                os.remove(lock)
+            except OSError:
+                pass
+            return
+        if waited == quiet_seconds:
+            print(f"proto_ce: waiting for another process compiling the extension (if none is running, "
+                  f"delete {lock})", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        waited += 0.5
 
 
 def _short_reason(error):
@@ -354,7 +419,10 @@ def _initialise():
                       "pure-PyTorch reference instead (slower, materialises [B, V] logits). "
                       "Set PROTO_CE_VERBOSE=1 to see the build log.", RuntimeWarning, stacklevel=3)
         return
-    _LOADED.has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("proto_ce::xent_forward", "CUDA")
+    _LOADED.kernels = frozenset(
+        (device, op) for device in ("cpu", "cuda") for op in ("label_positions", "xent_forward", "xent_fused")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"proto_ce::{op}", device.upper()))
+    _LOADED.has_cuda = ("cuda", "xent_forward") in _LOADED.kernels
     _register_python_side()
     if torch.cuda.is_available() and not _LOADED.has_cuda:
         warnings.warn(f"proto_ce: the extension loaded from {_LOADED.where} has no CUDA kernels (nvcc not found "

@@ -15,7 +15,18 @@ TORCH_LIBRARY(proto_ce, m) {
   // Hard-label cross-entropy over a subset of prototypes (Sec. 3.3 / 4.1 vocabulary subsampling):
   //   loss[b] = logsumexp_v(scale * x[b].w[idx[v]]) - scale * x[b].w[idx[target_pos[b]]]
   // Returns (loss[B], lse[B]) in the accumulation dtype (float64 for float64 inputs, else float32).
+  // Its backward (xent_backward) recomputes the logits chunk by chunk from the saved log-sum-exp.
   m.def("xent_forward(Tensor x, Tensor w, Tensor idx, Tensor target_pos, Tensor scale) -> (Tensor, Tensor)");
+
+  // The same loss reduced over the batch (mean if `mean`, else sum), together with its gradients for an
+  // upstream gradient of 1, computed in the same pass over the logits: row blocks of x meet all V
+  // prototypes at once, so each row's log-sum-exp is exact and its softmax can be turned into gradients
+  // right away (no second matmul to recompute the logits). Returns (loss 0-d, grad_x [B,D], grad of the
+  // idx rows of w [V,D], grad_scale 0-d), all in the accumulation dtype; the autograd formula multiplies
+  // them by the upstream gradient. A gradient that is not needed comes back as an empty tensor [0].
+  m.def(
+      "xent_fused(Tensor x, Tensor w, Tensor idx, Tensor target_pos, Tensor scale, bool mean, bool need_grad_x, "
+      "bool need_grad_w, bool need_grad_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Gradients of sum_b grad_loss[b] * loss[b] for x [B,D], w [K,D] (rows outside idx exactly zero) and
   // the 0-d scale. A gradient that is not needed comes back as an empty tensor of shape [0].

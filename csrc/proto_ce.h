@@ -27,6 +27,18 @@ inline int64_t chunk_cols(int64_t V, int64_t bytes_per_col, int64_t budget_bytes
   return std::max<int64_t>(1, std::min<int64_t>(V, cols));
 }
 
+// How many rows of x one row block holds when a block meets all V columns at once (xent_fused): the
+// [rows, V] logits are sized to `budget_bytes`, but at least `min_rows` rows so that the matmuls that
+// accumulate over rows stay efficient. PROTO_CE_CHUNK_ROWS=<n> overrides it (tests).
+inline int64_t chunk_rows(int64_t B, int64_t bytes_per_row, int64_t budget_bytes, int64_t min_rows) {
+  if (const char* env = std::getenv("PROTO_CE_CHUNK_ROWS")) {
+    const long long forced = std::atoll(env);
+    if (forced > 0) return std::min<int64_t>(B, forced);
+  }
+  const int64_t rows = std::max<int64_t>(min_rows, budget_bytes / std::max<int64_t>(bytes_per_row, 1));
+  return std::max<int64_t>(1, std::min<int64_t>(B, rows));
+}
+
 // Accumulation dtype: float64 for float64 inputs, float32 for everything else (fp32/fp16/bf16).
 // The per-sample loss and the saved log-sum-exp are returned in it.
 inline at::ScalarType acc_dtype(at::ScalarType t) {

@@ -56,7 +56,7 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
 // Copies, for every row b whose target lies in the chunk [c0, c0 + n), logits[b, target - c0] into
 // picked[b] (forward), or subtracts grad[b] there (backward: softmax - onehot).
 template <typename acc_t>
-void pick_targets(const at::Tensor& chunk, const at::Tensor& target_pos, int64_t c0, at::Tensor& picked) {
+void pick_targets(const at::Tensor& chunk, const at::Tensor& target_pos, int64_t c0, const at::Tensor& picked) {
   const int64_t B = chunk.size(0), n = chunk.size(1);
   const acc_t* z = chunk.data_ptr<acc_t>();
   const int64_t* t = target_pos.data_ptr<int64_t>();
@@ -68,7 +68,7 @@ void pick_targets(const at::Tensor& chunk, const at::Tensor& target_pos, int64_t
 }
 
 template <typename acc_t>
-void subtract_at_targets(at::Tensor& chunk, const at::Tensor& target_pos, int64_t c0, const at::Tensor& grad) {
+void subtract_at_targets(const at::Tensor& chunk, const at::Tensor& target_pos, int64_t c0, const at::Tensor& grad) {
   const int64_t B = chunk.size(0), n = chunk.size(1);
   acc_t* z = chunk.data_ptr<acc_t>();
   const int64_t* t = target_pos.data_ptr<int64_t>();
@@ -141,12 +141,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cpu(
           need_grad_scale ? grad_scale.to(scale.scalar_type()) : at::empty({0}, scale.options())};
 }
 
+// Budget of one row block's [rows, V] logits in xent_fused, and the fewest rows a block may have (the
+// matmul accumulating the w gradient over row blocks needs some depth to run at BLAS speed).
+constexpr int64_t kCpuRowBlockBytes = 2 * 1024 * 1024;
+constexpr int64_t kCpuMinRows = 128;
+
+// Loss (mean or sum over rows) and its gradients in one pass: every row block sees all V columns, so
+// its log-sum-exp is exact and softmax - onehot is formed right away; dx for the block and the block's
+// contribution to dw[idx] are one matmul each. Three matmuls in all, as many as eager's forward + backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
+    const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
+  check_kernel_args(x, w, idx, target_pos, scale);
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor X = x.contiguous().to(acc);
+  const at::Tensor tpos = target_pos.contiguous();
+  const double s = scale.item<double>();
+  const int64_t B = X.size(0), D = X.size(1), V = idx.numel();
+  const double row_weight = mean ? 1.0 / static_cast<double>(B) : 1.0;
+  const bool any_grad = need_grad_x || need_grad_w || need_grad_scale;
+  const at::Tensor w_idx = w.index_select(0, idx).to(acc);  // [V, D], as eager's w[idx]
+  at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
+  at::Tensor grad_w_rows = need_grad_w ? at::zeros({V, D}, X.options()) : at::empty({0}, X.options());
+  at::Tensor row_loss = at::empty({B}, X.options());
+  at::Tensor row_dscale = at::zeros({B}, X.options());
+  const int64_t Bb = chunk_rows(B, V * static_cast<int64_t>(c10::elementSize(acc)), kCpuRowBlockBytes, kCpuMinRows);
+  for (int64_t b0 = 0; b0 < B; b0 += Bb) {
+    const int64_t nb = std::min(Bb, B - b0);
+    const at::Tensor x_block = X.narrow(0, b0, nb);
+    const at::Tensor t_block = tpos.narrow(0, b0, nb);
+    at::Tensor z = at::mm(x_block, w_idx.t());  // [nb, V], unscaled x.w
+    at::Tensor logits = at::mul(z, s);
+    const at::Tensor lse = at::logsumexp(logits, {1});
+    at::Tensor target_logit = at::empty({nb}, X.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_pick_targets", [&] { pick_targets<scalar_t>(logits, t_block, 0, target_logit); });
+    at::Tensor loss_block = row_loss.narrow(0, b0, nb);
+    at::sub_out(loss_block, lse, target_logit);
+    if (!any_grad) continue;
+    at::Tensor dlogits = logits.sub_(lse.unsqueeze(1)).exp_();  // softmax, in place
+    const at::Tensor ones = at::ones({nb}, X.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_subtract_targets", [&] { subtract_at_targets<scalar_t>(dlogits, t_block, 0, ones); });
+    if (need_grad_scale) {  // sum_v (p - y) z for each row of the block
+      at::Tensor dscale_block = row_dscale.narrow(0, b0, nb);
+      at::sum_out(dscale_block, z.mul_(dlogits), {1});
+    }
+    const at::Tensor dz = dlogits.mul_(row_weight * s);  // d loss / d(x.w)
+    if (need_grad_x) {
+      at::Tensor grad_x_block = grad_x.narrow(0, b0, nb);
+      at::mm_out(grad_x_block, dz, w_idx);
+    }
+    if (need_grad_w) grad_w_rows.addmm_(dz.t(), x_block);  // fixed order over row blocks
+  }
+  const at::Tensor loss = row_loss.sum().mul_(row_weight);
+  at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
+  return {loss, grad_x, grad_w_rows, grad_scale};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(proto_ce, CPU, m) {
   m.impl("label_positions", &label_positions_cpu);
   m.impl("xent_forward", &xent_forward_cpu);
   m.impl("xent_backward", &xent_backward_cpu);
+  m.impl("xent_fused", &xent_fused_cpu);
 }
 
 }  // namespace proto_ce

@@ -64,9 +64,11 @@ def outside_idx_rows(grad_w, idx):
 
 @pytest.fixture
 def chunk_cols(request, monkeypatch):
-    """Forces PROTO_CE_CHUNK_COLS (None: the kernels' own cache-sized chunks)."""
+    """Forces tiny chunks: PROTO_CE_CHUNK_COLS=n prototype columns per chunk (two-pass kernels) and
+    PROTO_CE_CHUNK_ROWS=n//2+1 rows per block (one-pass fused kernel). None: the kernels' own sizes."""
     if request.param is not None:
         monkeypatch.setenv("PROTO_CE_CHUNK_COLS", str(request.param))
+        monkeypatch.setenv("PROTO_CE_CHUNK_ROWS", str(request.param // 2 + 1))
     return request.param
 
 
@@ -173,6 +175,10 @@ def test_opcheck(dtype):
     for needs in [(True, True, True), (True, False, False), (False, True, True)]:
         torch.library.opcheck(torch.ops.proto_ce.xent_backward.default,
                               (torch.rand_like(loss), x.detach(), w.detach(), idx, target_pos, s.detach(), lse, *needs))
+    for mean, needs in [(True, (True, True, True)), (False, (False, True, False))]:
+        fused_args = (x.detach().requires_grad_(needs[0]), w.detach().requires_grad_(needs[1]), idx, target_pos,
+                      s.detach().requires_grad_(needs[2]), mean, *needs)
+        torch.library.opcheck(torch.ops.proto_ce.xent_fused.default, fused_args)
 
 
 @pytest.mark.parametrize("chunk_cols", [None, 64], indirect=True, ids=["auto-chunks", "64-col-chunks"])
