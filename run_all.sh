@@ -114,7 +114,7 @@ case $MODE in
 esac
 
 # ---- The plan: sections append runs; nothing runs until every section is listed -----------------------
-NAMES=() CMDS=() NEEDS=() ALIASES=()
+NAMES=() CMDS=() PREREQS=() ALIASES=()
 declare -A LISTED=() BY_CMD=()
 note() { echo "# $*"; }   # a remark; in --dry-run output it never starts with '+'
 
@@ -142,15 +142,15 @@ plan1() {
         return 0
     fi
     BY_CMD[$key]=$name
-    NAMES+=("$name") NEEDS+=("$needs")
+    NAMES+=("$name") PREREQS+=("$needs")
     CMDS+=("$(quote "${LAUNCH[@]}" "$script" "$@" --out "$OUT/$name")")
 }
 
-# exp NAME SCRIPT ARGS...: one run per seed, NAME_s<seed>. NEEDS may be set for the call: NEEDS=f exp ...
+# exp NAME SCRIPT ARGS...: one run per seed, NAME_s<seed>. A prerequisite file: REQUIRES=FILE exp ...
 exp() {
     local name=$1 s
     shift
-    for s in $SEEDS; do plan1 "${name}_s$s" "${NEEDS:-}" "$@" --seed "$s"; done
+    for s in $SEEDS; do plan1 "${name}_s$s" "${REQUIRES:-}" "$@" --seed "$s"; done
 }
 
 # Data of each paper-scale source (quick/smoke: the synthetic world, $DATA). The section is skipped when
@@ -285,9 +285,9 @@ section_fig5() {
     for f in "${SCALES[@]}"; do
         frac=(); [[ $f != 1 ]] && frac=(--subset-frac "$f")
         exp "clip_scratch_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" "${frac[@]+"${frac[@]}"}"
-        NEEDS=$TEXT_NEEDS exp "clip_frozen_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
+        REQUIRES=$TEXT_NEEDS exp "clip_frozen_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
             "${frac[@]+"${frac[@]}"}" --text-init "$TEXT_INIT" --lock-text
-        NEEDS=$TEXT_NEEDS exp "clip_finetune_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
+        REQUIRES=$TEXT_NEEDS exp "clip_finetune_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
             "${frac[@]+"${frac[@]}"}" --text-init "$TEXT_INIT"
     done
 }
@@ -330,12 +330,12 @@ section_fig8() {
     incaps
     for shots in 1 0; do
         t=(--trim-tail "$TRIM" --tail-shots "$shots")
-        NEEDS=$TEXT_NEEDS exp "clip-frozen_tail$shots" clip_tail.py "${D[@]}" "${t[@]}" "${CLIP[@]}" \
+        REQUIRES=$TEXT_NEEDS exp "clip-frozen_tail$shots" clip_tail.py "${D[@]}" "${t[@]}" "${CLIP[@]}" \
             --text-init "$TEXT_INIT" --lock-text
         exp "sl_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0
-        NEEDS=$HEAD_NEEDS exp "sl-frozen_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0 \
+        REQUIRES=$HEAD_NEEDS exp "sl-frozen_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0 \
             --head frozen --head-file "$HEAD"
-        NEEDS=$HEAD_NEEDS exp "sl-frozen-voc_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc "$TAIL_VOC" \
+        REQUIRES=$HEAD_NEEDS exp "sl-frozen-voc_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc "$TAIL_VOC" \
             --head frozen --head-file "$HEAD"
     done
 }
@@ -399,9 +399,9 @@ for i in "${!CMDS[@]}"; do
         echo "done earlier"
         continue
     fi
-    if [[ -n ${NEEDS[i]} && ! -e ${NEEDS[i]} ]]; then
-        echo "FAILED: needs ${NEEDS[i]} (an earlier run failed)"
-        FAILED+=("$name (needs ${NEEDS[i]})")
+    if [[ -n ${PREREQS[i]} && ! -e ${PREREQS[i]} ]]; then
+        echo "FAILED: needs ${PREREQS[i]} (an earlier run failed)"
+        FAILED+=("$name (needs ${PREREQS[i]})")
         continue
     fi
     cmd=${CMDS[i]}
