@@ -237,6 +237,10 @@ def _register_python_side():
                 x.new_empty((idx.shape[0], x.shape[1]) if need_w else (0,), dtype=acc),
                 x.new_empty(() if need_scale else (0,), dtype=acc))
 
+    @torch.library.register_fake("proto_ce::scatter_rows")
+    def _scatter_rows_fake(rows, idx, factor, num_rows, dtype):
+        return rows.new_empty((num_rows, rows.shape[1]), dtype=dtype)
+
     def fused_setup_context(ctx, inputs, output):
         x, w, idx, _, scale, _, need_x, need_w, need_scale = inputs
         _, grad_x, grad_w_rows, grad_scale = output
@@ -255,8 +259,7 @@ def _register_python_side():
         out_x = (grad_x * grad_loss).to(x_dtype) if want_x else None
         out_w = None
         if want_w:  # rows outside idx: exactly zero
-            out_w = grad_w_rows.new_zeros(ctx.w_shape, dtype=w_dtype)
-            out_w.index_copy_(0, idx, (grad_w_rows * grad_loss).to(w_dtype))
+            out_w = torch.ops.proto_ce.scatter_rows(grad_w_rows, idx, grad_loss, ctx.w_shape[0], w_dtype)
         out_scale = (grad_scale * grad_loss).to(scale_dtype) if want_scale else None
         return out_x, out_w, None, None, out_scale, None, None, None, None
 

@@ -8,15 +8,18 @@ Three implementations of the same loss run in this one process on the same input
   eager     F.cross_entropy(scale * x @ w[idx].T, target) in plain PyTorch, target positions precomputed
             (proto_ce.reference_loss_from_positions: the matmul in the input dtype, the loss in fp32)
   compile   torch.compile of that eager function (default inductor mode)
-Time: forward + backward (gradients for x, w and the scale) per step, median of --repeats after --warmup
-steps (CUDA: CUDA events around the step). Memory: peak extra memory of one step over what was allocated
-before it; CUDA: torch.cuda.max_memory_allocated; CPU: the peak of the running sum of every allocation
-and free of torch's CPU allocator recorded by torch.profiler (profile_memory=True), i.e. the same
-allocator-level quantity (buffers that the BLAS allocates internally are not seen, for any method). The
-"excl. grads" column subtracts the returned gradients (x.grad, w.grad [K, D], scale.grad), which every
-method must produce; the op's memory target refers to the working memory in that column.
-Shapes (issue 3): "sl" B=256 D=1024 K=1000 V=100; "dino" B=2560 D=256 K=65536 V=16384, reduced on a CPU to
-B=512 V=4096 (pass --full-dino to run the full size there too).
+Time: forward + backward (gradients for x, w and the scale) per step, median of --repeats steps after
+--warmup steps; the methods take turns step by step (CUDA: CUDA events around each step).
+Memory, from the allocation trace of one step recorded by torch.profiler (profile_memory=True: every
+allocation and free of torch's CPU allocator or CUDA caching allocator; on CUDA the total is cross-checked
+with torch.cuda.max_memory_allocated):
+  peak extra   the highest total allocated during the step, minus what was allocated before it;
+  temporaries  the same, counting only allocations freed again before the step ends. This leaves out the
+               gradients the step returns (x.grad, w.grad [K, D], scale.grad), identical for every method
+               and, at K = 65536, larger than everything else; the op's memory target refers to it.
+Buffers that a BLAS library allocates internally are invisible to this accounting, for every method.
+Shapes (issue 3): "sl" B=256 D=1024 K=1000 V=100; "dino" B=2560 D=256 K=65536 V=16384 (full size on a CPU
+too: one step takes seconds there, and eager needs about 1 GB); "dino-small" B=512 V=4096, a quick check.
 """
 import argparse
 import datetime
@@ -35,20 +38,20 @@ import torch.nn.functional as F  # noqa: E402
 import proto_ce  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHAPES = {"sl": dict(B=256, D=1024, K=1000, V=100), "dino": dict(B=2560, D=256, K=65536, V=16384)}
-CPU_DINO = dict(B=512, D=256, K=65536, V=4096)
+SHAPES = {"sl": dict(B=256, D=1024, K=1000, V=100), "dino": dict(B=2560, D=256, K=65536, V=16384),
+          "dino-small": dict(B=512, D=256, K=65536, V=4096)}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--shapes", default="sl,dino", help="comma-separated subset of: sl, dino")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 20 on CPU, 50 on CUDA)")
+    parser.add_argument("--shapes", default="sl,dino", help="comma-separated subset of: sl, dino, dino-small")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--full-dino", action="store_true", help="full DINO shape on a CPU too")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_proto_ce.py: error: --device cuda but no GPU is visible")
@@ -56,7 +59,7 @@ def parse_args():
     if unknown:
         sys.exit(f"bench_proto_ce.py: error: unknown shape(s) {sorted(unknown)}; choose from {sorted(SHAPES)}")
     if args.repeats is None:
-        args.repeats = 50 if args.device == "cuda" else 20
+        args.repeats = 50 if args.device == "cuda" else 10
     return args
 
 
@@ -91,57 +94,82 @@ def clear_grads(inputs):
         t.grad = None
 
 
-def time_step(fn, inputs, device, warmup, repeats):
-    for _ in range(warmup):
-        clear_grads(inputs)
-        step(fn, inputs)
-    times = []
+def time_steps(fns, inputs, device, warmup, repeats):
+    """Median seconds of one fwd+bwd step per method; the methods take turns (round robin) so that a
+    change in machine load during the run affects them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            clear_grads(inputs)
+            step(fn, inputs)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        clear_grads(inputs)
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            step(fn, inputs)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            step(fn, inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            clear_grads(inputs)
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                step(fn, inputs)
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                step(fn, inputs)
+                times[name].append(time.perf_counter() - start)
+    clear_grads(inputs)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def cpu_peak_bytes(fn, inputs):
-    """Peak of the running sum of CPU allocator events during one step (torch.profiler memory events)."""
+def allocation_events(fn, inputs, device):
+    """(time, address, +-bytes) of every allocation / free on `device` during one step (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(fn, inputs)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = []
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == device:
+            events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+        nodes.extend(node.children)
+    return sorted(events)
 
 
 def peak_extra_bytes(fn, inputs, device):
-    """(peak extra bytes of one step, the same minus the returned gradients)."""
+    """(peak extra bytes of one step, peak of its temporaries).
+
+    Peak extra: the highest total allocated during the step minus the total before it. Temporaries:
+    the same counting only allocations that are freed again before the step ends, i.e. leaving out the
+    gradients the step returns (x.grad, w.grad [K, D], scale.grad), which every method must allocate."""
     clear_grads(inputs)
-    if device == "cuda":
+    events = allocation_events(fn, inputs, device)
+    clear_grads(inputs)
+    last_alloc = {}  # address -> index of its most recent allocation that is still alive
+    for i, (_, ptr, nbytes) in enumerate(events):
+        if nbytes > 0:
+            last_alloc[ptr] = i
+        else:
+            last_alloc.pop(ptr, None)
+    kept_at_end = set(last_alloc.values())
+    running = kept = peak = peak_temporary = 0
+    for i, (_, _, nbytes) in enumerate(events):
+        running += nbytes
+        kept += nbytes if i in kept_at_end else 0
+        peak = max(peak, running)
+        peak_temporary = max(peak_temporary, running - kept)
+    if device == "cuda":  # cross-check of the total with the caching allocator's own statistics
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step(fn, inputs)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = cpu_peak_bytes(fn, inputs)
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs if t.grad is not None)
-    clear_grads(inputs)
-    return peak, peak - grads
+        peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        clear_grads(inputs)
+    return peak, peak_temporary
 
 
 def machine(device):
@@ -160,31 +188,28 @@ def run_shape(name, shape, args, fns):
         losses = {m: float(fn(*inputs)) for m, fn in fns.items()}
     if max(abs(v - losses["eager"]) for v in losses.values()) > 1e-2 * max(1.0, abs(losses["eager"])):
         sys.exit(f"bench_proto_ce.py: error: the implementations disagree on {name}: {losses}")
-    rows = {}
-    for method, fn in fns.items():
-        seconds = time_step(lambda *a: fn(*a), inputs, args.device, args.warmup, args.repeats)
-        for t in leaves:
-            t.grad = None
-        peak, working = peak_extra_bytes(fn, inputs, args.device)
-        rows[method] = (seconds, peak, working)
+    seconds = time_steps(fns, inputs, args.device, args.warmup, args.repeats)
+    rows = {method: (seconds[method], *peak_extra_bytes(fn, inputs, args.device)) for method, fn in fns.items()}
     mib = 2.0 ** 20
     desc = " ".join(f"{k}={v}" for k, v in shape.items())
     print(f"\n[{name}] {desc}  dtype={args.dtype}  device={args.device}  "
           f"(median of {args.repeats} fwd+bwd steps after {args.warmup} warm-up)")
     print(f"{'method':<10} {'fwd+bwd ms':>11} {'speed-up vs eager':>18} {'peak extra MiB':>15} "
-          f"{'excl. grads MiB':>16} {'mem / eager (excl. grads)':>26}")
-    eager_s, _, eager_working = rows["eager"]
-    for method, (seconds, peak, working) in rows.items():
-        print(f"{method:<10} {seconds * 1e3:>11.3f} {eager_s / seconds:>17.2f}x {peak / mib:>15.2f} "
-              f"{working / mib:>16.2f} {working / max(eager_working, 1):>26.3f}")
+          f"{'temporaries MiB':>16} {'temporaries / eager':>20}")
+    eager_s, _, eager_temp = rows["eager"]
+    for method, (sec, peak, temp) in rows.items():
+        print(f"{method:<10} {sec * 1e3:>11.3f} {eager_s / sec:>17.2f}x {peak / mib:>15.2f} "
+              f"{temp / mib:>16.2f} {temp / max(eager_temp, 1):>20.3f}")
     if "compile" in rows:
-        print(f"proto_ce vs compile: {rows['compile'][0] / rows['proto_ce'][0]:.2f}x speed, "
-              f"{rows['proto_ce'][2] / max(rows['compile'][2], 1):.3f}x working memory")
+        print(f"proto_ce vs compile: {rows['compile'][0] / rows['proto_ce'][0]:.2f}x speed-up, "
+              f"{rows['proto_ce'][2] / max(rows['compile'][2], 1):.3f}x the temporaries")
     return rows
 
 
 def main():
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"bench_proto_ce.py  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine(args.device)}")
     print(f"proto_ce backend for {args.device}: {proto_ce.backend(args.device)}")
@@ -192,11 +217,7 @@ def main():
         print("warning: the compiled op is not available; 'proto_ce' below is the pure-PyTorch reference")
     fns = methods(not args.no_compile)
     for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        if name == "dino" and args.device == "cpu" and not args.full_dino:
-            shape = CPU_DINO
-            print("\nnote: DINO shape reduced for the CPU (B=512, V=4096 instead of B=2560, V=16384)")
-        run_shape(name, shape, args, fns)
+        run_shape(name, SHAPES[name], args, fns)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ TORCH_LIBRARY(proto_ce, m) {
       "xent_fused(Tensor x, Tensor w, Tensor idx, Tensor target_pos, Tensor scale, bool mean, bool need_grad_x, "
       "bool need_grad_w, bool need_grad_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // out [num_rows, D] of `dtype`: zero except out[idx[i]] = rows[i] * factor (the w gradient of
+  // xent_fused's autograd formula: scaled rows of grad w[idx] written straight into the dense gradient).
+  m.def("scatter_rows(Tensor rows, Tensor idx, Tensor factor, int num_rows, ScalarType dtype) -> Tensor");
+
   // Gradients of sum_b grad_loss[b] * loss[b] for x [B,D], w [K,D] (rows outside idx exactly zero) and
   // the 0-d scale. A gradient that is not needed comes back as an empty tensor of shape [0].
   m.def(

@@ -1,15 +1,21 @@
 // CPU kernels of the hard-label subsampled-prototype cross-entropy (see ops.cpp for the schemas).
 //
-// The V = idx.numel() prototype columns are processed in chunks of Vc columns: each chunk gathers its
-// rows of w ([Vc, D]), computes its logits with one BLAS matmul ([B, Vc], sized to stay in cache), and
-// folds them into an online log-sum-exp. [B, K] and [B, V] are never materialised. The backward pass
-// recomputes each chunk's logits from the saved log-sum-exp and turns them into dlogits in place; dx
-// and the chunk's rows of dw are one matmul each (no atomics, fixed order: deterministic for a fixed
-// number of threads). Elementwise work uses ATen's vectorised, multi-threaded kernels on the chunk.
+// xent_fused (reduction mean / sum): row blocks of x meet all V = idx.numel() gathered prototypes at
+// once; one BLAS matmul gives the block's logits [rows, V] (sized to stay in cache), two fused row loops
+// and ATen's vectorised exp give the exact log-sum-exp, the loss and softmax - onehot, and two more
+// matmuls give the block's dx and its contribution to dw[idx]. Gradients are computed for an upstream
+// gradient of 1 during the forward pass; the autograd formula only scales them.
+// xent_forward / xent_backward (reduction none, arbitrary per-sample upstream gradients): chunks of Vc
+// columns, an online log-sum-exp in the forward pass, and a backward pass that recomputes each chunk's
+// logits from the saved log-sum-exp.
+// Neither materialises [B, K] nor [B, V]. No atomics, fixed reduction orders: results are bit-identical
+// run to run for a fixed number of threads.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "proto_ce.h"
@@ -141,14 +147,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cpu(
           need_grad_scale ? grad_scale.to(scale.scalar_type()) : at::empty({0}, scale.options())};
 }
 
-// Budget of one row block's [rows, V] logits in xent_fused, and the fewest rows a block may have (the
-// matmul accumulating the w gradient over row blocks needs some depth to run at BLAS speed).
-constexpr int64_t kCpuRowBlockBytes = 2 * 1024 * 1024;
-constexpr int64_t kCpuMinRows = 128;
+// Budget of one row block's [rows, V] logits in xent_fused, and the fewest rows a block may have: the
+// matmuls run once per block, and fewer, larger matmuls keep their speed (also on a loaded machine,
+// where every parallel region waits for its slowest thread).
+constexpr int64_t kCpuRowBlockBytes = 8 * 1024 * 1024;
+constexpr int64_t kCpuMinRows = 256;
 
-// Loss (mean or sum over rows) and its gradients in one pass: every row block sees all V columns, so
-// its log-sum-exp is exact and softmax - onehot is formed right away; dx for the block and the block's
-// contribution to dw[idx] are one matmul each. Three matmuls in all, as many as eager's forward + backward.
+// Rows per task of at::parallel_for in the row loops: about 16K elements per task.
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+
+// First pass over a block of unscaled logits z [nb, V], in place: z <- s*z - rowmax(s*z); also keeps
+// rowmax and the target logit s*z[target] of each row. (The caller then applies ATen's vectorised exp.)
+template <typename acc_t>
+void shift_rows(acc_t* z, acc_t* row_max, acc_t* target_logit, const int64_t* target, int64_t nb, int64_t V, acc_t s) {
+  at::parallel_for(0, nb, row_grain(V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t* zr = z + r * V;
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < V; ++j) m = std::max(m, s * zr[j]);
+      target_logit[r] = s * zr[target[r]];
+      for (int64_t j = 0; j < V; ++j) zr[j] = s * zr[j] - m;
+      row_max[r] = m;
+    }
+  });
+}
+
+// Second pass, on e = exp(s*z - rowmax) in place: loss[r] = logsumexp - target logit, and, if `grads`,
+// e <- softmax - onehot.
+template <typename acc_t>
+void finish_rows(acc_t* e, const acc_t* row_max, const acc_t* target_logit, const int64_t* target, acc_t* loss,
+                 int64_t nb, int64_t V, bool grads) {
+  at::parallel_for(0, nb, row_grain(V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t* er = e + r * V;
+      acc_t part[4] = {0, 0, 0, 0};  // four running sums: a fixed order, and fewer dependent adds
+      int64_t j = 0;
+      for (; j + 4 <= V; j += 4) {
+        for (int k = 0; k < 4; ++k) part[k] += er[j + k];
+      }
+      for (; j < V; ++j) part[0] += er[j];
+      const acc_t sum = (part[0] + part[1]) + (part[2] + part[3]);
+      loss[r] = row_max[r] + std::log(sum) - target_logit[r];
+      if (!grads) continue;
+      const acc_t inv = acc_t(1) / sum;
+      for (j = 0; j < V; ++j) er[j] *= inv;
+      er[target[r]] -= acc_t(1);
+    }
+  });
+}
+
+// out[r] = a[r] . b[r] for rows of two [nb, D] blocks.
+template <typename acc_t>
+void row_dots(const acc_t* a, const acc_t* b, acc_t* out, int64_t nb, int64_t D) {
+  at::parallel_for(0, nb, row_grain(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += a[r * D + d] * b[r * D + d];
+      out[r] = dot;
+    }
+  });
+}
+
+// Loss (mean or sum over rows) and its gradients in one pass: every row block meets all V columns, so
+// its log-sum-exp is exact and softmax - onehot (P - Y) is formed right away, in place of the block's
+// logits. Per block, G = (P - Y) w[idx] gives dx = coef * G and dscale = sum_b x_b . G_b / (row weight)
+// (= sum_v (p - y) x.w, no division by the scale), and dw[idx] += coef * (P - Y)^T x. Three matmuls in
+// all, as many as eager's forward + backward; the only [rows, V] buffer is one block.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
     const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
@@ -159,42 +223,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   const double s = scale.item<double>();
   const int64_t B = X.size(0), D = X.size(1), V = idx.numel();
   const double row_weight = mean ? 1.0 / static_cast<double>(B) : 1.0;
-  const bool any_grad = need_grad_x || need_grad_w || need_grad_scale;
+  const double coef = row_weight * s;  // d loss / d(x.w) = coef * (P - Y)
+  const bool grads = need_grad_x || need_grad_w || need_grad_scale;
   const at::Tensor w_idx = w.index_select(0, idx).to(acc);  // [V, D], as eager's w[idx]
   at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
   at::Tensor grad_w_rows = need_grad_w ? at::zeros({V, D}, X.options()) : at::empty({0}, X.options());
   at::Tensor row_loss = at::empty({B}, X.options());
-  at::Tensor row_dscale = at::zeros({B}, X.options());
+  at::Tensor row_dscale = at::empty({B}, X.options());
+  at::Tensor row_max = at::empty({B}, X.options());
+  at::Tensor target_logit = at::empty({B}, X.options());
   const int64_t Bb = chunk_rows(B, V * static_cast<int64_t>(c10::elementSize(acc)), kCpuRowBlockBytes, kCpuMinRows);
   for (int64_t b0 = 0; b0 < B; b0 += Bb) {
     const int64_t nb = std::min(Bb, B - b0);
     const at::Tensor x_block = X.narrow(0, b0, nb);
-    const at::Tensor t_block = tpos.narrow(0, b0, nb);
-    at::Tensor z = at::mm(x_block, w_idx.t());  // [nb, V], unscaled x.w
-    at::Tensor logits = at::mul(z, s);
-    const at::Tensor lse = at::logsumexp(logits, {1});
-    at::Tensor target_logit = at::empty({nb}, X.options());
-    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_pick_targets", [&] { pick_targets<scalar_t>(logits, t_block, 0, target_logit); });
-    at::Tensor loss_block = row_loss.narrow(0, b0, nb);
-    at::sub_out(loss_block, lse, target_logit);
-    if (!any_grad) continue;
-    at::Tensor dlogits = logits.sub_(lse.unsqueeze(1)).exp_();  // softmax, in place
-    const at::Tensor ones = at::ones({nb}, X.options());
-    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_subtract_targets", [&] { subtract_at_targets<scalar_t>(dlogits, t_block, 0, ones); });
-    if (need_grad_scale) {  // sum_v (p - y) z for each row of the block
-      at::Tensor dscale_block = row_dscale.narrow(0, b0, nb);
-      at::sum_out(dscale_block, z.mul_(dlogits), {1});
+    at::Tensor block = at::mm(x_block, w_idx.t());  // [nb, V]: x.w, then s*x.w - max, exp, P - Y
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_shift_rows", [&] {
+      shift_rows<scalar_t>(block.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
+                           target_logit.data_ptr<scalar_t>() + b0, tpos.data_ptr<int64_t>() + b0, nb, V,
+                           static_cast<scalar_t>(s));
+    });
+    block.exp_();
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_finish_rows", [&] {
+      finish_rows<scalar_t>(block.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
+                            target_logit.data_ptr<scalar_t>() + b0, tpos.data_ptr<int64_t>() + b0,
+                            row_loss.data_ptr<scalar_t>() + b0, nb, V, grads);
+    });
+    if (need_grad_x || need_grad_scale) {
+      // G = (P - Y) w[idx] [nb, D], computed into grad_x's rows when those are wanted
+      at::Tensor g = need_grad_x ? grad_x.narrow(0, b0, nb) : at::empty({nb, D}, X.options());
+      at::mm_out(g, block, w_idx);
+      if (need_grad_scale) {
+        AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_row_dots", [&] {
+          row_dots<scalar_t>(g.data_ptr<scalar_t>(), x_block.data_ptr<scalar_t>(),
+                             row_dscale.data_ptr<scalar_t>() + b0, nb, D);
+        });
+      }
+      if (need_grad_x) g.mul_(coef);
     }
-    const at::Tensor dz = dlogits.mul_(row_weight * s);  // d loss / d(x.w)
-    if (need_grad_x) {
-      at::Tensor grad_x_block = grad_x.narrow(0, b0, nb);
-      at::mm_out(grad_x_block, dz, w_idx);
-    }
-    if (need_grad_w) grad_w_rows.addmm_(dz.t(), x_block);  // fixed order over row blocks
+    if (need_grad_w) grad_w_rows.addmm_(block.t(), x_block, 1.0, coef);  // fixed order over row blocks
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
   return {loss, grad_x, grad_w_rows, grad_scale};
+}
+
+// out [num_rows, D] of `dtype`: zero, except out[idx[i]] = rows[i] * factor. The w gradient of xent_fused's
+// autograd formula, written without an intermediate [V, D] copy.
+at::Tensor scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor,
+                            int64_t num_rows, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
+                        idx.numel() == rows.size(0) && factor.dim() == 0,
+                    "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
+  at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
+  if (dtype != rows.scalar_type() || !at::isFloatingType(dtype) || dtype == at::kHalf || dtype == at::kBFloat16) {
+    out.index_copy_(0, idx, rows.mul(factor).to(dtype));
+    return out;
+  }
+  const at::Tensor src = rows.contiguous(), id = idx.contiguous();
+  const int64_t V = src.size(0), D = src.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "proto_ce_scatter_rows", [&] {
+    const scalar_t f = factor.item<scalar_t>();
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t* rows_at = id.data_ptr<int64_t>();
+    at::parallel_for(0, V, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        TORCH_CHECK_VALUE(rows_at[i] >= 0 && rows_at[i] < num_rows, "proto_ce: scatter_rows index out of range");
+        for (int64_t d = 0; d < D; ++d) dst[rows_at[i] * D + d] = in[i * D + d] * f;
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -204,6 +303,7 @@ TORCH_LIBRARY_IMPL(proto_ce, CPU, m) {
   m.impl("xent_forward", &xent_forward_cpu);
   m.impl("xent_backward", &xent_backward_cpu);
   m.impl("xent_fused", &xent_fused_cpu);
+  m.impl("scatter_rows", &scatter_rows_cpu);
 }
 
 }  // namespace proto_ce

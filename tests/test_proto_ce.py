@@ -179,6 +179,10 @@ def test_opcheck(dtype):
         fused_args = (x.detach().requires_grad_(needs[0]), w.detach().requires_grad_(needs[1]), idx, target_pos,
                       s.detach().requires_grad_(needs[2]), mean, *needs)
         torch.library.opcheck(torch.ops.proto_ce.xent_fused.default, fused_args)
+    rows = torch.randn(idx.shape[0], x.shape[1], dtype=dtype)
+    torch.library.opcheck(torch.ops.proto_ce.scatter_rows.default, (rows, idx, torch.tensor(0.5, dtype=dtype), 12, dtype))
+    scattered = torch.ops.proto_ce.scatter_rows(rows, idx, torch.tensor(0.5, dtype=dtype), 12, dtype)
+    assert torch.equal(scattered[idx], rows * 0.5) and torch.count_nonzero(outside_idx_rows(scattered, idx)) == 0
 
 
 @pytest.mark.parametrize("chunk_cols", [None, 64], indirect=True, ids=["auto-chunks", "64-col-chunks"])
