@@ -17,6 +17,8 @@
 #   --out DIR        run folders DIR/<name>_s<seed>/ (default runs/quick, runs/smoke, runs/paper)
 #   --report DIR     report.py's output (default report/quick, DIR/report for --smoke, report/paper)
 #   --seeds "0 1 2"  seeds of every experiment (default "0"; the report shows mean +- std over seeds)
+#   --jobs N         runs at the same time (default: 2 for --quick/--smoke, each on one CPU thread; 1 at
+#                    paper scale, where each run is a torchrun over $NPROC GPUs)
 #
 # Re-running skips finished runs (final.json present) and resumes interrupted ones (--resume when
 # checkpoint.pt is present). Two sections that need the same command share one run (a symlink). A failing
@@ -37,6 +39,8 @@
 #   SL_HEAD          frozen class prototypes of Fig. 8/9 (default clip-rn50, the shipped CLIP RN50 head;
 #                    --quick/--smoke default: the head exported by the pre-trained synthetic text tower)
 #   WORKERS=8        DataLoader workers per process (paper scale)
+#   THREADS          OMP_NUM_THREADS of each run (--quick/--smoke default 1: two single-threaded runs use a
+#                    2-core CPU far better than one two-threaded run of these small models)
 #   PYTHON=python    the interpreter
 set -u
 cd "$(dirname "$0")" || exit 1
@@ -44,7 +48,7 @@ cd "$(dirname "$0")" || exit 1
 SECTIONS=(fig1 fig3 fig4 fig5 fig6 fig7 fig8 fig10)
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 
-MODE=paper DRY=0 OUT="" REPORT_DIR="" SEEDS=${SEEDS:-0}
+MODE=paper DRY=0 OUT="" REPORT_DIR="" SEEDS=${SEEDS:-0} JOBS=${JOBS:-}
 ONLY=()
 while (($#)); do
     case $1 in
@@ -52,13 +56,14 @@ while (($#)); do
         --smoke) MODE=smoke ;;
         --paper) MODE=paper ;;
         --dry-run) DRY=1 ;;
-        --only | --out | --report | --seeds)
+        --only | --out | --report | --seeds | --jobs)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --only) IFS=, read -ra parts <<<"$2"; ONLY+=("${parts[@]}") ;;
                 --out) OUT=$2 ;;
                 --report) REPORT_DIR=$2 ;;
                 --seeds) SEEDS=$2 ;;
+                --jobs) JOBS=$2 ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -71,6 +76,7 @@ for s in "${ONLY[@]+"${ONLY[@]}"}"; do
     [[ " ${SECTIONS[*]} " == *" $s "* ]] || die "--only $s: unknown section (one of: ${SECTIONS[*]} fig9)"
 done
 [[ $SEEDS =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be space-separated integers, got '$SEEDS'"
+[[ -z $JOBS || $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, got '$JOBS'"
 OUT=${OUT:-runs/$MODE}
 case $MODE in
     smoke) REPORT_DIR=${REPORT_DIR:-$OUT/report} ;;
@@ -83,17 +89,18 @@ PY=${PYTHON:-python}
 # --quick: every run takes roughly 30-60 s on a 2-core CPU (the world is rendered once and cached).
 case $MODE in
     quick)
-        LAUNCH=("$PY")
-        DATA=(--num-train 10000 --num-test-per-class 20)
-        CLIP=(--epochs 3 --batch-size 128)
-        SL=(--epochs 6 --batch-size 128 --lr-steps 4,5)
+        LAUNCH=("$PY") JOBS=${JOBS:-2} THREADS=${THREADS:-1}
+        DATA=(--num-train 8000 --num-test-per-class 20)
+        CLIP=(--epochs 3 --batch-size 128 --warmup 20)
+        SL=(--epochs 5 --batch-size 128 --lr-steps 3,4)
         DINO_DATA=(--num-train 3000)
         DINO=(--epochs 3 --batch-size 128 --probe-max-iter 100)
-        TEXTPRE=(--profile uniform --num-train 20000 --num-test-per-class 20 --data-seed 1 --epochs 3 --batch-size 128)
+        TEXTPRE=(--profile uniform --num-train 16000 --num-test-per-class 20 --data-seed 1 --epochs 3 --batch-size 128
+                 --warmup 20)
         VOCS=(10 20 50) SCALES=(0.25 0.5 1) OPEN_WORLD=(30 100) TRIM=20 TAIL_VOC=20
         DINO_K=4096 DINO_SMALL=1024 DINO_VOCS=(1024) ;;
     smoke)
-        LAUNCH=("$PY")
+        LAUNCH=("$PY") JOBS=${JOBS:-2} THREADS=${THREADS:-1}
         DATA=(--num-train 400 --num-test-per-class 2)
         CLIP=(--epochs 1 --batch-size 64 --warmup 2)
         SL=(--epochs 1 --batch-size 64)
@@ -105,7 +112,7 @@ case $MODE in
         DINO_K=256 DINO_SMALL=64 DINO_VOCS=(64) ;;
     paper)
         NPROC=${NPROC:-4}
-        LAUNCH=(torchrun "--nproc_per_node=$NPROC")
+        LAUNCH=(torchrun "--nproc_per_node=$NPROC") JOBS=${JOBS:-1} THREADS=${THREADS:-}
         RECIPE=(--recipe paper --amp --workers "${WORKERS:-8}")
         DATA=()
         CLIP=("${RECIPE[@]}") SL=("${RECIPE[@]}") DINO=("${RECIPE[@]}") TEXTPRE=()
@@ -212,8 +219,8 @@ ViT-B-32:laion2b_s34b_b79k:laion2b ViT-B-32:metaclip_400m:metaclip-400m ViT-B-32
     ((${#missing[@]})) && note "fig1b: weights not in the local cache, skipped: ${missing[*]}"
     ((${#entries[@]})) || { note "skipped fig1b: no pre-trained weights found"; return; }
     # one run folder, one row per model in results.csv
-    plan1 fig1_pretrained "" clip_tail.py --eval-only --data imagefolder --data-root "$IMAGENET_VAL" \
-        --val-root "$IMAGENET_VAL" --classes in1k "${entries[@]}" --workers "${WORKERS:-8}"
+    plan1 fig1_pretrained "" clip_tail.py --eval-only --classes in1k --val-root "$IMAGENET_VAL" "${entries[@]}" \
+        --workers "${WORKERS:-8}"
 }
 
 # Is an open_clip model's pretrained weight file in the local cache? (never downloads; Fig. 1b)
@@ -385,37 +392,67 @@ if ((DRY)); then
     exit 0
 fi
 
-# ---- Run it -----------------------------------------------------------------------------------------
+# ---- Run it: up to $JOBS runs at a time, in plan order --------------------------------------------------
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1
-FAILED=()
+[[ -n $THREADS ]] && export OMP_NUM_THREADS=$THREADS
+FAILED=() RUNNING=()
+declare -A T0=()
 total=${#CMDS[@]}
 started=$SECONDS
-echo "run_all.sh: $total runs ($MODE) into $OUT"
+echo "run_all.sh: $total runs ($MODE) into $OUT, $JOBS at a time${THREADS:+, $THREADS thread(s) each}"
+
+progress() {  # progress I TEXT: the line '[i/N] name ... TEXT'
+    echo "[$(($1 + 1))/$total] ${NAMES[$1]} ... $2"
+}
+
+# finish_one: wait until one running run has ended (its .rc file appears), report it
+finish_one() {
+    local k i rc log
+    while true; do
+        for k in "${!RUNNING[@]}"; do
+            i=${RUNNING[k]} log=$OUT/logs/${NAMES[${RUNNING[k]}]}.log
+            [[ -f $log.rc ]] || continue
+            rc=$(<"$log.rc")
+            rm -f "$log.rc"
+            unset "RUNNING[k]"
+            RUNNING=("${RUNNING[@]+"${RUNNING[@]}"}")
+            if ((rc == 0)); then
+                progress "$i" "ok $((SECONDS - T0[$i]))s"
+            else
+                progress "$i" "FAILED (exit $rc) $((SECONDS - T0[$i]))s: $(tail -n 2 "$log" | head -n 1)"
+                FAILED+=("${NAMES[i]} (exit $rc, log $log)")
+            fi
+            return
+        done
+        sleep 1
+    done
+}
+
 for i in "${!CMDS[@]}"; do
     name=${NAMES[i]} dir=$OUT/${NAMES[i]} log=$OUT/logs/${NAMES[i]}.log
-    printf '[%d/%d] %s ... ' $((i + 1)) "$total" "$name"
     if [[ -f $dir/final.json || -f $dir/results.json ]]; then
-        echo "done earlier"
+        progress "$i" "done earlier"
         continue
     fi
+    # a run that needs another's output waits for the running ones (the producer is among them or done)
+    while [[ -n ${PREREQS[i]} && ! -e ${PREREQS[i]} ]] && ((${#RUNNING[@]})); do finish_one; done
     if [[ -n ${PREREQS[i]} && ! -e ${PREREQS[i]} ]]; then
-        echo "FAILED: needs ${PREREQS[i]} (an earlier run failed)"
+        progress "$i" "FAILED: needs ${PREREQS[i]} (an earlier run failed)"
         FAILED+=("$name (needs ${PREREQS[i]})")
         continue
     fi
+    while ((${#RUNNING[@]} >= JOBS)); do finish_one; done
     cmd=${CMDS[i]}
     [[ -f $dir/checkpoint.pt ]] && cmd+=" --resume"
-    t0=$SECONDS
     echo "+ $cmd" >"$log"
-    if eval "$cmd" >>"$log" 2>&1; then
-        echo "ok $((SECONDS - t0))s"
-    else
-        rc=$?
-        echo "FAILED (exit $rc) $((SECONDS - t0))s: $(tail -n 1 "$log")"
-        FAILED+=("$name (exit $rc, log $log)")
-    fi
+    rm -f "$log.rc"
+    T0[$i]=$SECONDS
+    # the log ends with the CPU time of the run ('times': user and system seconds of its processes)
+    ( eval "$cmd" >>"$log" 2>&1; rc=$?; echo "cpu (user, system): $(times | tail -n 1)" >>"$log"; echo $rc >"$log.rc" ) &
+    RUNNING+=("$i")
 done
+while ((${#RUNNING[@]})); do finish_one; done
 for a in "${ALIASES[@]+"${ALIASES[@]}"}"; do  # shared runs: DIR/<name> -> <first name>
     [[ -e $OUT/${a%%=*} ]] || ln -s "${a#*=}" "$OUT/${a%%=*}"
 done

@@ -190,6 +190,7 @@ done
 if [[ -n ${FAIL_MATCH:-} && $out == *"$FAIL_MATCH"* ]]; then echo "boom in $out" >&2; exit 3; fi
 mkdir -p "$out"
 echo '{"top1": 0.5}' > "$out/final.json"
+echo "${OMP_NUM_THREADS:-unset}" > "$out/threads"
 [[ -n $head ]] && touch "$head"
 exit 0
 """
@@ -218,7 +219,11 @@ def test_executor_runs_skips_and_resumes(tmp_path, fake_python):
     assert len(calls) == 10 and calls[-1][0] == "report.py"  # 9 runs of Fig. 8/9, then the report
     assert calls[0][0] == "clip_tail.py" and "clip_textpre_s0" in calls[0][calls[0].index("--out") + 1]
     assert "[1/9] clip_textpre_s0 ... ok" in proc.stdout and "[9/9]" in proc.stdout
-    assert os.path.isfile(os.path.join(out, "logs", "sl_tail0_s0.log"))
+    with open(os.path.join(out, "logs", "sl_tail0_s0.log")) as f:
+        log = f.read()
+    assert log.startswith("+ ") and "cpu (user, system):" in log
+    with open(os.path.join(out, "sl_tail0_s0", "threads")) as f:
+        assert f.read().strip() == "1"  # --smoke: single-threaded runs, two at a time
 
     # re-run: finished runs are skipped; a run with a checkpoint but no final.json is resumed
     os.remove(os.path.join(out, "sl_tail1_s0", "final.json"))
