@@ -354,12 +354,13 @@ section_fig10() {
     [[ -f dino_tail.py ]] || { note "skipped fig10: dino_tail.py is not in this checkout yet"; return; }
     local bal=() imb=() v
     if [[ $MODE == paper ]]; then
-        need LAIONET_TSV TRANSFER_ROOT || return
+        need LAIONET_TSV TRANSFER_ROOT IMAGENET_VAL || return
         local tasks=${TRANSFER_TASKS:-fgvc_aircraft,caltech101,stanford_cars,cifar10,cifar100,dtd,flowers102,food101,oxford_pets,sun397,voc2007}
         local probe=(--transfer "$tasks" --transfer-root "$TRANSFER_ROOT")
-        imb=(--data tsv --train-file "$LAIONET_TSV" "${probe[@]}")
+        # (the loaders want a test split even though DINO only uses the transfer tasks)
+        imb=(--data tsv --train-file "$LAIONET_TSV" --val-root "$IMAGENET_VAL" "${probe[@]}")
         if [[ -n ${IMAGENET_TRAIN:-} ]]; then
-            bal=(--data imagefolder --data-root "$IMAGENET_TRAIN" "${probe[@]}")
+            bal=(--data imagefolder --data-root "$IMAGENET_TRAIN" --val-root "$IMAGENET_VAL" "${probe[@]}")
         else
             note "fig10: IMAGENET_TRAIN is not set, the ImageNet row of Table 2 is skipped"
         fi
@@ -393,6 +394,9 @@ if ((DRY)); then
 fi
 
 # ---- Run it: up to $JOBS runs at a time, in plan order --------------------------------------------------
+"$PY" -c "import torch, open_clip, matplotlib" 2>/dev/null \
+    || die "'$PY' cannot import torch, open_clip and matplotlib: activate the project's environment" \
+           "(. .venv/bin/activate) or set PYTHON"
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1
 [[ -n $THREADS ]] && export OMP_NUM_THREADS=$THREADS
@@ -456,10 +460,12 @@ while ((${#RUNNING[@]})); do finish_one; done
 for a in "${ALIASES[@]+"${ALIASES[@]}"}"; do  # shared runs: DIR/<name> -> <first name>
     [[ -e $OUT/${a%%=*} ]] || ln -s "${a#*=}" "$OUT/${a%%=*}"
 done
+elapsed=$((SECONDS - started))
+wall="$((elapsed / 60))m$((elapsed % 60))s"
+REPORT_CMD+=" $(quote --note "run_all.sh --$MODE: $total runs ($JOBS at a time) in $wall wall time.")"
 echo "+ $REPORT_CMD"
 if ! eval "$REPORT_CMD"; then FAILED+=("report.py"); fi
-elapsed=$((SECONDS - started))
-echo "run_all.sh: $total runs in $((elapsed / 60))m$((elapsed % 60))s; report in $REPORT_DIR/REPORT.md"
+echo "run_all.sh: $total runs in $wall; report in $REPORT_DIR/REPORT.md"
 if ((${#FAILED[@]})); then
     echo "run_all.sh: ${#FAILED[@]} failed:"
     printf '  %s\n' "${FAILED[@]}"

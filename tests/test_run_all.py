@@ -165,20 +165,27 @@ def test_paper_without_data_skips_every_section_with_a_message():
     proc = run_all("--dry-run")
     assert [s for s, _, _ in planned_commands(proc.stdout)] == ["report.py"]
     assert "skipped fig3: set INCAPS_ROOT IMAGENET_VAL" in proc.stdout
-    assert "skipped fig10: set LAIONET_TSV TRANSFER_ROOT" in proc.stdout
+    assert "skipped fig10: set LAIONET_TSV TRANSFER_ROOT IMAGENET_VAL" in proc.stdout
 
 
 @pytest.mark.parametrize("argv,message", [(["--only", "fig99"], "unknown section"), (["--bogus"], "unknown option"),
                                           (["--seeds", "a b"], "--seeds"), (["--out"], "needs a value")])
 def test_bad_options_fail_in_one_line(argv, message):
+    """(also: an interpreter without torch stops run_all.sh before any run, in one line)"""
     proc = run_all(*argv, "--dry-run", check=False) if argv != ["--out"] else run_all("--dry-run", *argv, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_an_interpreter_without_torch_stops_before_any_run(tmp_path):
+    proc = run_all("--smoke", "--out", str(tmp_path / "runs"), env={"PYTHON": "/bin/false"}, check=False)
+    assert proc.returncode == 2 and "cannot import torch" in proc.stderr and not (tmp_path / "runs").exists()
 
 
 # ---- The executor, with a stand-in interpreter that records its calls --------------------------------
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # stands in for python: records the call, writes what the scripts would, fails where FAIL_MATCH says
+[[ $1 == -c ]] && exit 0  # run_all.sh's check that the environment has torch & co
 echo "$*" >> "$CALLS"
 script=$1; shift
 [[ $script == report.py ]] && exit 0
