@@ -36,8 +36,9 @@ CAPTIONS = [  # (row label, clip_tail.py flags)
     ("natural: title+description+tags", ["--captions", "natural", "--caption-fields", "title,description,tags"]),
 ]
 # The stand-in for a pre-trained CLIP text encoder: a text tower trained (with its image tower) on a bigger
-# corpus than the evaluated one: the same world's classes plus open-world concepts, three times the pairs.
-PRETRAIN_FLAGS = ["--captions", "natural", "--num-train", "45000", "--open-world", "100", "--seed", "100"]
+# corpus than the evaluated one: twice the pairs of the evaluated classes plus 50 open-world concepts
+# (about 45,000 pairs in all, three times the default training set).
+PRETRAIN_FLAGS = ["--captions", "natural", "--num-train", "30000", "--open-world", "50", "--seed", "100"]
 
 
 def experiments(args):
@@ -142,7 +143,8 @@ def main():
             results = [f.result() for f in pending]
         failed = [n for n, _, s in results if s.startswith("FAILED")]
         print(f"\n{len(results)} runs, {time.time() - started:.0f}s wall, {len(failed)} failed {failed or ''}\n")
-    print(f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores, "
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    print(f"Measured {datetime.date.today().isoformat()} at commit {commit} on {platform.machine()} ({os.cpu_count()} cores, "
           f"{'no GPU' if not has_gpu() else 'GPU present'}); seeds {args.seeds}; epochs "
           f"{args.epochs or 'recipe default'}; runs in {args.out}\n")
     print(tables(args))
