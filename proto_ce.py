@@ -7,7 +7,12 @@ This is the loss of vocabulary subsampling (Wen et al., NeurIPS 2024, Sec. 3.3 a
 scores the batch only against a sampled subset `idx` of the K class prototypes `w` (the classes of the
 batch plus random others), which is what makes supervised learning behave like CLIP's per-batch text
 vocabulary. The fused op never builds the [B, K] logits, and its kernels never hold [B, V] either: V is
-processed in chunks with an online log-sum-exp (CPU: csrc/proto_ce_cpu.cpp, CUDA: csrc/proto_ce_cuda.cu).
+processed in blocks (CPU: csrc/proto_ce_cpu.cpp, CUDA: csrc/proto_ce_cuda.cu). Two kernel families:
+  one pass (reduction "mean" / "sum", op xent_fused): row blocks of x meet all V gathered prototypes, the
+    log-sum-exp of each row is exact, and the gradients (for an upstream gradient of 1) are computed in
+    the same pass; the backward pass only scales them. Three matmuls, like eager forward + backward.
+  two passes (reduction "none", ops xent_forward / xent_backward): chunks of prototype columns with an
+    online log-sum-exp; the backward pass recomputes each chunk's logits from the saved log-sum-exp.
 
 Inputs: x [B, D] (l2-normalised by the caller), w [K, D] (same dtype and device), idx [V] int64 sorted
 unique class ids, labels [B] int64 ORIGINAL class ids (each must be in idx), logit_scale a 0-d floating
@@ -32,7 +37,8 @@ Environment variables:
                      folder named after a hash of the sources, torch/CUDA/Python versions and flags, so a
                      changed source never reuses a stale build.
   PROTO_CE_VERBOSE=1 show the compiler output of a JIT build
-  PROTO_CE_CHUNK_COLS=n  force n prototype columns per chunk (tests and tuning; default: sized to cache)
+  PROTO_CE_TWO_PASS=1 compute mean / sum losses with the two-pass kernels too (see above)
+  PROTO_CE_CHUNK_COLS=n, PROTO_CE_CHUNK_ROWS=n  force the chunk sizes of the kernels (tests and tuning)
   MAX_JOBS, TORCH_CUDA_ARCH_LIST, CUDA_HOME are honoured as by torch.utils.cpp_extension.
 Several processes importing this module at once (torchrun) share one build: torch's file lock in the
 build folder lets one compile while the others wait, and a finished build is loaded without rebuilding.
@@ -74,7 +80,7 @@ def proto_cross_entropy(x, w, idx, labels, logit_scale, reduction="mean"):
     if not _extension_handles(x.device):
         return reference_proto_cross_entropy(x, w, idx, labels, logit_scale, reduction)
     target_pos = torch.ops.proto_ce.label_positions(idx, labels, w.shape[0])
-    if reduction != "none" and (x.device.type, "xent_fused") in _LOADED.kernels:
+    if reduction != "none" and _LOADED.one_pass and (x.device.type, "xent_fused") in _LOADED.kernels:
         # One pass: the kernel returns the gradients for an upstream gradient of 1 with the loss.
         grad_on = torch.is_grad_enabled()
         loss, _, _, _ = torch.ops.proto_ce.xent_fused(
@@ -274,6 +280,7 @@ class _Loaded:
     where = None        # what was loaded (for messages), None when the reference is used
     has_cuda = False    # whether the loaded library registered CUDA kernels
     kernels = frozenset()  # (device type, op name) pairs with a registered kernel
+    one_pass = os.environ.get("PROTO_CE_TWO_PASS", "0") != "1"  # mean/sum via xent_fused
 
 
 _LOADED = _Loaded()
@@ -333,12 +340,22 @@ def _jit_build(with_cuda):
     build_dir = os.path.join(_build_root(), name)
     os.makedirs(build_dir, exist_ok=True)
     library = os.path.join(build_dir, name + ".so")
-    lock = os.path.join(build_dir, "lock")  # torch's FileBaton: present while a process is building
-    if not os.path.exists(library):
-        _wait_for_lock(lock)
-    if os.path.exists(library):  # the folder name is a hash of the sources: an existing build is current
-        torch.ops.load_library(library)
-        return library
+    lock = os.path.join(build_dir, "lock")  # the build lock torch.utils.cpp_extension takes
+    if _torch_uses_os_file_lock(cpp_extension):
+        # torch >= 2.12 holds an OS advisory lock on `lock` while it builds (released even if the builder
+        # is killed; the file itself stays). Taking it here waits for a build in progress.
+        if os.path.exists(library):  # the folder name is a hash of the sources: an existing build is current
+            from filelock import FileLock
+            with FileLock(lock):
+                torch.ops.load_library(library)
+            return library
+    else:
+        # older torch: the lock file exists exactly while a process builds (torch's FileBaton)
+        if not os.path.exists(library):
+            _wait_for_lock(lock)
+        if os.path.exists(library):
+            torch.ops.load_library(library)
+            return library
     print(f"proto_ce: compiling the C++{' and CUDA' if with_cuda else ''} kernels into {build_dir} "
           "(first use only; a few minutes)...", file=sys.stderr, flush=True)
     flags = ["-O3", f"-DPROTO_CE_SOURCES_HASH={source_hash}"] + (["-DPROTO_CE_WITH_CUDA"] if with_cuda else [])
@@ -346,6 +363,11 @@ def _jit_build(with_cuda):
                        build_directory=build_dir, with_cuda=with_cuda, is_python_module=False,
                        verbose=os.environ.get("PROTO_CE_VERBOSE") == "1")
     return library
+
+
+def _torch_uses_os_file_lock(cpp_extension):
+    """Whether this torch's JIT build lock is an OS advisory lock (filelock) rather than a FileBaton."""
+    return hasattr(cpp_extension, "FileLock")
 
 
 def _wait_for_lock(lock, quiet_seconds=10.0, stale_seconds=30 * 60):
@@ -423,7 +445,8 @@ def _initialise():
                       "Set PROTO_CE_VERBOSE=1 to see the build log.", RuntimeWarning, stacklevel=3)
         return
     _LOADED.kernels = frozenset(
-        (device, op) for device in ("cpu", "cuda") for op in ("label_positions", "xent_forward", "xent_fused")
+        (device, op) for device in ("cpu", "cuda")
+        for op in ("label_positions", "xent_forward", "xent_fused", "scatter_rows")
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"proto_ce::{op}", device.upper()))
     _LOADED.has_cuda = ("cuda", "xent_forward") in _LOADED.kernels
     _register_python_side()

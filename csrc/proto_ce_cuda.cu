@@ -302,12 +302,123 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cuda(
           need_grad_scale ? row_dscale.sum().to(scale.scalar_type()) : at::empty({0}, scale.options())};
 }
 
+// One-pass kernel for a row block (xent_fused), one thread block per row r of z [nb, V] (all V columns):
+// loss[r] = logsumexp(s * z[r]) - s * z[r, target]; if `grads`, pmy[r] = softmax(s * z[r]) - onehot in the
+// input dtype (the operand of the tensor-core matmuls that follow).
+template <typename scalar_t, typename acc_t>
+__global__ void fused_rows_kernel(const acc_t* __restrict__ Z, int64_t V, const acc_t* __restrict__ scale,
+                                  const int64_t* __restrict__ target_pos, acc_t* __restrict__ loss,
+                                  scalar_t* __restrict__ pmy, bool grads) {
+  __shared__ acc_t shared[32];
+  const int64_t r = blockIdx.x;
+  const acc_t* row = Z + r * V;
+  const acc_t s = *scale;
+  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) row_max = MaxOp<acc_t>()(row_max, s * row[j]);
+  row_max = block_reduce(row_max, MaxOp<acc_t>(), -std::numeric_limits<acc_t>::infinity(), shared);
+  acc_t sum = 0;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) sum += exp(s * row[j] - row_max);
+  sum = block_reduce(sum, SumOp<acc_t>(), acc_t(0), shared);
+  const int64_t t = target_pos[r];
+  if (threadIdx.x == 0) loss[r] = row_max + log(sum) - s * row[t];
+  if (!grads) return;
+  const acc_t inv = acc_t(1) / sum;
+  scalar_t* out = pmy + r * V;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    out[j] = static_cast<scalar_t>(exp(s * row[j] - row_max) * inv - (j == t ? acc_t(1) : acc_t(0)));
+  }
+}
+
+// Loss (mean or sum) and its gradients for an upstream gradient of 1 in one pass (see ops.cpp): row
+// blocks of x meet all V gathered prototypes; per block Z = X_b w[idx]^T (fp32), the row kernel, then
+// G = (P - Y) w[idx] gives dx = coef * G and dscale rows x_b . G_b, and dw[idx] accumulates (P - Y)^T X_b
+// in fp32 in a fixed order. Three matmuls per block, and the block's [rows, V] buffers are the only
+// ones of that kind.
+template <typename scalar_t>
+void fused_blocks(const at::Tensor& X, const at::Tensor& w_idx, const at::Tensor& target_pos, const at::Tensor& scale,
+                  const at::Tensor& coef, bool grads, bool need_grad_x, bool need_grad_w, bool need_grad_scale,
+                  at::Tensor& row_loss, at::Tensor& row_dscale, at::Tensor& grad_x, at::Tensor& grad_w_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = row_loss.scalar_type();
+  const int64_t B = X.size(0), V = w_idx.size(0);
+  const int64_t bytes_per_row = V * static_cast<int64_t>(sizeof(acc_t) + sizeof(scalar_t));
+  const int64_t Bb = chunk_rows(B, bytes_per_row, kCudaChunkBytes, 128);
+  at::Tensor pmy_buf = grads ? at::empty({Bb * V}, X.options()) : at::empty({0}, X.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t b0 = 0; b0 < B; b0 += Bb) {
+    const int64_t nb = std::min(Bb, B - b0);
+    const at::Tensor x_block = X.narrow(0, b0, nb);
+    const at::Tensor z = mm_acc(x_block, w_idx.t(), acc).contiguous();  // [nb, V], unscaled x.w
+    at::Tensor pmy = grads ? pmy_buf.narrow(0, 0, nb * V).view({nb, V}) : pmy_buf;
+    fused_rows_kernel<scalar_t, acc_t><<<nb, kThreads, 0, stream>>>(
+        z.data_ptr<acc_t>(), V, scale.data_ptr<acc_t>(), target_pos.data_ptr<int64_t>() + b0,
+        row_loss.data_ptr<acc_t>() + b0, grads ? pmy.data_ptr<scalar_t>() : nullptr, grads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_grad_x || need_grad_scale) {
+      const at::Tensor g = mm_acc(pmy, w_idx, acc);  // [nb, D] = (P - Y) w[idx]
+      if (need_grad_scale) {
+        at::Tensor dscale_block = row_dscale.narrow(0, b0, nb);
+        at::sum_out(dscale_block, g * x_block.to(acc), {1});
+      }
+      if (need_grad_x) {
+        at::Tensor grad_x_block = grad_x.narrow(0, b0, nb);
+        at::mul_out(grad_x_block, g, coef);
+      }
+    }
+    if (need_grad_w) {  // accumulate (P - Y)^T X_b unscaled; scaled by coef once at the end
+      if (acc == X.scalar_type()) grad_w_rows.addmm_(pmy.t(), x_block);
+      else grad_w_rows.add_(mm_acc(pmy.t(), x_block, acc));
+    }
+  }
+  if (need_grad_w) grad_w_rows.mul_(coef);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cuda(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx_in, const at::Tensor& target_pos_in,
+    const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
+  check_kernel_args(x, w, idx_in, target_pos_in, scale);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor X = x.contiguous(), idx = idx_in.contiguous(), target_pos = target_pos_in.contiguous();
+  const at::Tensor scale_acc = scale.to(acc).contiguous();  // read on the device: no host sync
+  const int64_t B = X.size(0), D = X.size(1), V = idx.numel();
+  const double row_weight = mean ? 1.0 / static_cast<double>(B) : 1.0;
+  const at::Tensor coef = scale_acc * row_weight;  // d loss / d(x.w) = coef * (P - Y)
+  const bool grads = need_grad_x || need_grad_w || need_grad_scale;
+  const at::Tensor w_idx = w.index_select(0, idx);  // [V, D], as eager's w[idx]
+  at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options().dtype(acc)) : at::empty({0}, X.options().dtype(acc));
+  at::Tensor grad_w_rows = need_grad_w ? at::zeros({V, D}, X.options().dtype(acc)) : at::empty({0}, X.options().dtype(acc));
+  at::Tensor row_loss = at::empty({B}, X.options().dtype(acc));
+  at::Tensor row_dscale = at::empty({B}, X.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "proto_ce_xent_fused_cuda", [&] {
+    fused_blocks<scalar_t>(X, w_idx, target_pos, scale_acc, coef, grads, need_grad_x, need_grad_w, need_grad_scale,
+                           row_loss, row_dscale, grad_x, grad_w_rows);
+  });
+  const at::Tensor loss = row_loss.sum().mul_(row_weight);
+  at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options().dtype(acc));
+  return {loss, grad_x, grad_w_rows, grad_scale};
+}
+
+// out [num_rows, D] of `dtype`: zero except out[idx[i]] = rows[i] * factor (see ops.cpp).
+at::Tensor scatter_rows_cuda(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor, int64_t num_rows,
+                             at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
+                        idx.numel() == rows.size(0) && factor.dim() == 0,
+                    "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
+  c10::cuda::CUDAGuard guard(rows.device());
+  at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
+  out.index_copy_(0, idx, (rows * factor).to(dtype));  // idx is unique: every row is written once
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(proto_ce, CUDA, m) {
   m.impl("label_positions", &label_positions_cuda);
   m.impl("xent_forward", &xent_forward_cuda);
   m.impl("xent_backward", &xent_backward_cuda);
+  m.impl("xent_fused", &xent_fused_cuda);
+  m.impl("scatter_rows", &scatter_rows_cuda);
 }
 
 }  // namespace proto_ce

@@ -72,6 +72,13 @@ def chunk_cols(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """"one-pass": mean / sum use xent_fused (the default); "two-pass": they use xent_forward/_backward."""
+    monkeypatch.setattr(proto_ce._LOADED, "one_pass", request.param == "one-pass")
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------------
 # CPU: the op against the reference
 # ---------------------------------------------------------------------------------------------------
@@ -83,11 +90,16 @@ def test_cpu_extension_is_loaded():
         "the C++ extension did not build or load; run `python -c 'import proto_ce'` with PROTO_CE_VERBOSE=1")
 
 
+REDUCTION_PATHS = [("mean", "one-pass"), ("sum", "one-pass"), ("mean", "two-pass"), ("sum", "two-pass"),
+                   ("none", "two-pass")]
+
+
 @pytest.mark.parametrize("chunk_cols", [None, 7], indirect=True, ids=["auto-chunks", "7-col-chunks"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction,kernels", REDUCTION_PATHS, indirect=["kernels"],
+                         ids=[f"{r}-{k}" for r, k in REDUCTION_PATHS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["7x13x50x17", "130x257x4099x1025"])
-def test_matches_reference(shape, dtype, reduction, chunk_cols):
+def test_matches_reference(shape, dtype, reduction, kernels, chunk_cols):
     inputs = make_inputs(**shape, dtype=dtype)
     upstream = None
     if reduction == "none":  # distinct per-sample weights, so per-row gradients are checked too
@@ -113,6 +125,14 @@ def test_half_inputs_cpu_against_float64(dtype):
     assert rel_err(got[0], want[0]) < 1e-5
     for name, a, b in zip(("grad_x", "grad_w", "grad_scale"), got[1:], want[1:]):
         assert rel_err(a, b) < 1e-2, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@needs_extension_cpu
+@pytest.mark.parametrize("reduction,expected", [("mean", "xent_fused"), ("sum", "xent_fused"), ("none", "xent_forward")])
+def test_kernel_path_used(reduction, expected):
+    x, w, idx, labels, s = make_inputs(**SMALL)
+    loss = proto_cross_entropy(x.requires_grad_(), w, idx, labels, s, reduction=reduction)
+    assert expected in type(loss.grad_fn).__name__ or expected in type(loss.grad_fn.next_functions[0][0]).__name__
 
 
 def test_hand_made_case():
@@ -152,8 +172,9 @@ def test_zero_scale_gradient_is_finite():
 
 
 @pytest.mark.parametrize("chunk_cols", [2], indirect=True)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_float64(reduction, chunk_cols):
+@pytest.mark.parametrize("reduction,kernels", [("mean", "one-pass"), ("sum", "two-pass"), ("none", "two-pass")],
+                         indirect=["kernels"], ids=["mean-one-pass", "sum-two-pass", "none"])
+def test_gradcheck_float64(reduction, kernels, chunk_cols):
     x, w, idx, labels, s = make_inputs(B=3, D=4, K=9, V=5, dtype=torch.float64, scale=3.0)
     x, w, s = x.requires_grad_(), w.requires_grad_(), s.requires_grad_()
 
@@ -186,15 +207,17 @@ def test_opcheck(dtype):
 
 
 @pytest.mark.parametrize("chunk_cols", [None, 64], indirect=True, ids=["auto-chunks", "64-col-chunks"])
-def test_bit_identical_second_run(chunk_cols):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bit_identical_second_run(reduction, chunk_cols):
     inputs = make_inputs(**LARGE)
-    first = loss_and_grads(proto_cross_entropy, *inputs)
-    second = loss_and_grads(proto_cross_entropy, *inputs)
+    first = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
+    second = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(reduction):
     """Dynamo + AOTAutograd trace the op (fake kernels, autograd formula) in one graph, no breaks."""
     inputs = make_inputs(**SMALL)
 
@@ -202,8 +225,8 @@ def test_torch_compile_fullgraph():
         return proto_cross_entropy(x, w, idx, labels, s, reduction=reduction) * 2.0
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    got = loss_and_grads(compiled, *inputs)
-    want = loss_and_grads(loss_fn, *inputs)
+    got = loss_and_grads(compiled, *inputs, reduction=reduction)
+    want = loss_and_grads(loss_fn, *inputs, reduction=reduction)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-6, atol=0)
 
@@ -368,12 +391,15 @@ def test_cuda_extension_is_loaded():
         "with PROTO_CE_VERBOSE=1 to see the build log")
 
 
+CUDA_PATHS = [("mean", "one-pass"), ("mean", "two-pass"), ("none", "two-pass")]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunk_cols", [None, 100], indirect=True, ids=["auto-chunks", "100-col-chunks"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction,kernels", CUDA_PATHS, indirect=["kernels"], ids=[f"{r}-{k}" for r, k in CUDA_PATHS])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=CUDA_IDS)
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["7x13x50x17", "130x257x4099x1025"])
-def test_cuda_matches_reference(shape, dtype, reduction, chunk_cols):
+def test_cuda_matches_reference(shape, dtype, reduction, kernels, chunk_cols):
     assert _no_tf32(), "TF32 matmuls are on; these tolerances assume full fp32"
     inputs = make_inputs(**shape, dtype=dtype, device="cuda")
     upstream = None
@@ -392,11 +418,12 @@ def test_cuda_matches_reference(shape, dtype, reduction, chunk_cols):
 
 @pytest.mark.cuda
 @needs_extension_cpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_cuda_matches_cpu_extension(dtype):
+def test_cuda_matches_cpu_extension(dtype, reduction):
     cpu_inputs = make_inputs(**LARGE, dtype=dtype)
-    got = loss_and_grads(proto_cross_entropy, *(t.cuda() for t in cpu_inputs))
-    want = loss_and_grads(proto_cross_entropy, *cpu_inputs)
+    got = loss_and_grads(proto_cross_entropy, *(t.cuda() for t in cpu_inputs), reduction=reduction)
+    want = loss_and_grads(proto_cross_entropy, *cpu_inputs, reduction=reduction)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for name, a, b in zip(("loss", "grad_x", "grad_w", "grad_scale"), got, want):
         assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e}"
@@ -404,18 +431,20 @@ def test_cuda_matches_cpu_extension(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunk_cols", [None, 100], indirect=True, ids=["auto-chunks", "100-col-chunks"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_bit_identical_second_run(dtype, chunk_cols):
+def test_cuda_bit_identical_second_run(dtype, reduction, chunk_cols):
     inputs = make_inputs(**LARGE, dtype=dtype, device="cuda")
-    first = loss_and_grads(proto_cross_entropy, *inputs)
-    second = loss_and_grads(proto_cross_entropy, *inputs)
+    first = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
+    second = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
-def test_cuda_dino_scale_shape():
-    """The DINO-scale shape (B=2560, D=256, K=65536, V=16384) in bf16 spans several default-size chunks."""
+@pytest.mark.parametrize("kernels", ["one-pass", "two-pass"], indirect=True)
+def test_cuda_dino_scale_shape(kernels):
+    """The DINO-scale shape (B=2560, D=256, K=65536, V=16384) in bf16 spans several default-size blocks."""
     inputs = make_inputs(B=2560, D=256, K=65536, V=16384, dtype=torch.bfloat16, device="cuda")
     got = loss_and_grads(proto_cross_entropy, *inputs)
     x, w, idx, labels, s = inputs
@@ -453,22 +482,27 @@ def test_cuda_opcheck(dtype):
     target_pos = torch.searchsorted(idx, labels)
     torch.library.opcheck(torch.ops.proto_ce.label_positions.default, (idx, labels, w.shape[0]))
     torch.library.opcheck(torch.ops.proto_ce.xent_forward.default,
-                          (x.requires_grad_(), w.requires_grad_(), idx, target_pos, s.requires_grad_()),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+                          (x.requires_grad_(), w.requires_grad_(), idx, target_pos, s.requires_grad_()))
+    torch.library.opcheck(torch.ops.proto_ce.xent_fused.default,
+                          (x, w, idx, target_pos, s, True, True, True, True))
+    rows = torch.randn(idx.shape[0], x.shape[1], device="cuda")
+    torch.library.opcheck(torch.ops.proto_ce.scatter_rows.default, (rows, idx, torch.tensor(0.5, device="cuda"), 12, dtype))
 
 
 @pytest.mark.cuda
-def test_cuda_torch_compile_fullgraph():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_torch_compile_fullgraph(reduction):
     inputs = make_inputs(**LARGE, device="cuda")
     compiled = torch.compile(proto_cross_entropy, backend="aot_eager", fullgraph=True)
-    got = loss_and_grads(compiled, *inputs)
-    want = loss_and_grads(proto_cross_entropy, *inputs)
+    got = loss_and_grads(compiled, *inputs, reduction=reduction)
+    want = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-6, atol=0)
 
 
 @pytest.mark.cuda
-def test_cuda_peak_memory_below_quarter_of_eager():
+@pytest.mark.parametrize("kernels", ["one-pass", "two-pass"], indirect=True)
+def test_cuda_peak_memory_below_quarter_of_eager(kernels):
     """Memory, not time: extra memory of fwd+bwd beyond inputs and returned gradients, op vs eager."""
     x, w, idx, labels, s = make_inputs(B=2560, D=256, K=65536, V=16384, dtype=torch.bfloat16, device="cuda")
     grad_bytes = x.numel() * x.element_size() + w.numel() * w.element_size() + 4
