@@ -248,6 +248,48 @@ def test_affinity_class_sample():
     assert sl_tail.affinity_class_sample(8, counts, None, 3) == [0, 6, 5]   # most, middle, least frequent
 
 
+def _model_args(head="learnable"):
+    return sl_tail.parse_args(["--head", head] + (["--head-file", "clip-rn50"] if head != "learnable" else []))
+
+
+@pytest.mark.parametrize("head", ["learnable", "frozen", "finetune"])
+def test_head_modes_and_logit_scale(head):
+    init = torch.randn(7, 64)
+    model = sl_tail.build_model(_model_args(head), 7, 32, None if head == "learnable" else init)
+    trained = {name for name, p in model.named_parameters()}
+    assert ("prototypes" in trained) == (head != "frozen")
+    if head != "learnable":
+        assert torch.equal(model.prototypes, init)
+    assert model.encoder.attnpool.c_proj.out_features == (1024 if head == "learnable" else 64)
+    features, prototypes, scale = model.eval()(torch.randn(3, 3, 32, 32))
+    assert features.norm(dim=1).sub(1).abs().max() < 1e-5 and prototypes.norm(dim=1).sub(1).abs().max() < 1e-5
+    assert float(scale.detach()) == pytest.approx(1 / 0.07, rel=1e-5)            # CLIP's initial temperature
+    with torch.no_grad():
+        model.log_logit_scale.fill_(np.log(500.0))
+    assert float(model.eval()(torch.randn(2, 3, 32, 32))[2].detach()) == 100.0     # capped at 100
+
+
+class _FixedFeatures(torch.nn.Module):
+    """Stands in for the model: features are the images themselves, prototypes the unit axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.prototypes = torch.eye(3)
+
+    def forward(self, x):
+        return x, self.prototypes, torch.tensor(10.0)
+
+
+def test_evaluation_and_posthoc_adjustment():
+    x = torch.tensor([[0.60, 0.55, 0.0], [0.0, 0.2, 0.9], [0.50, 0.52, 0.1]])
+    dataset = torch.utils.data.TensorDataset(x, torch.tensor([1, 2, 0]))
+    log_prior = sl_tail.log_class_prior(np.array([80, 10, 10]))
+    for tau, expected in [(0.0, [0, 2, 1]), (1.0, [1, 2, 1])]:
+        args = type("Args", (), dict(eval_batch_size=2, workers=0, amp=False, posthoc_tau=tau))()
+        features, preds, labels = sl_tail.evaluate(_FixedFeatures(), dataset, data.Dist(), args, log_prior)
+        assert preds.tolist() == expected and labels.tolist() == [1, 2, 0] and torch.equal(features, x)
+
+
 # ---- whole runs -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
