@@ -1,24 +1,33 @@
 // CUDA kernels of the DINO soft-target loss over a prototype subset (math and notation: dino_ce_cpu.cpp).
 //
-// Chunked like the CPU kernels: per chunk of Vc prototype columns, gather the chunk's rows of the
-// prototypes, one cuBLAS GEMM per logit block into a bounded float32 buffer ([rows, Vc], Vc sized so the
-// student and teacher blocks together stay within kCudaChunkBytes), then custom kernels for the softmax
-// arithmetic (one block per row: online log-sum-exp of the student, online softmax of the teacher with the
-// rescale factor for U, column sums for the centre) and cuBLAS again for U and the gradient GEMMs.
-// Inputs may be float32, float16 or bfloat16 (float64 too); everything is accumulated in float32 (float64
-// for float64): the inputs and each chunk of prototypes are converted once, so every GEMM runs in the
-// accumulation dtype. [rows, K] and [rows, V] are never materialised. Reductions are fixed trees (warp
-// shuffles, then one warp) and column sums loop over rows in order: no atomics, deterministic.
+// Chunked like the CPU kernels and like the hard-label op's proto_ce_cuda.cu: per chunk of Vc prototype
+// columns, gather the chunk's prototype rows (index_select), one ATen/cuBLAS matmul per logit block with
+// fp32 output and fp32 accumulation (tensor cores for fp16/bf16 inputs, via the aten::mm.dtype overload of
+// torch >= 2.8), then custom kernels for the softmax arithmetic -- one block per row: the student's online
+// log-sum-exp; the teacher's online softmax with the rescale factor of its U row; column sums of the raw
+// teacher logits for the centre -- and matmuls again for U and the gradients (probabilities cast to the
+// input dtype for the tensor-core GEMMs, as dlogits are in proto_ce_cuda.cu; U stays in fp32 because the
+// loss value is built from it). Only [rows, Vc] and [Vc, D] buffers exist (Vc sized to kCudaChunkBytes),
+// never [rows, V] or [rows, K]. Reductions are fixed trees (warp shuffles, then one warp) and the column
+// sums loop over rows in order: no atomics, bit-identical results run to run. ATen matmuls (not raw
+// cuBLAS) keep this file free of cuBLAS/cuSPARSE headers, which nvcc-only toolkits lack.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <limits>
 
 #include "proto_ce.h"
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define DINO_CE_HAVE_MM_OUT_DTYPE 1
+#else
+#define DINO_CE_HAVE_MM_OUT_DTYPE 0
+#endif
 
 namespace proto_ce {
 namespace dino {
@@ -41,6 +50,16 @@ using namespace dino;
 // eager implementation, large enough that each GEMM keeps the GPU busy.
 constexpr int64_t kCudaChunkBytes = 16 * 1024 * 1024;
 constexpr int kThreads = 256;  // threads per row block (a multiple of 32)
+
+// a [r, k] times b_t [k, c] -> [r, c] in the accumulation dtype (fp32 output for fp16/bf16 operands).
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b_t, at::ScalarType acc) {
+  if (a.scalar_type() == acc && b_t.scalar_type() == acc) return at::mm(a, b_t);
+#if DINO_CE_HAVE_MM_OUT_DTYPE
+  return at::mm(a, b_t, acc);
+#else
+  return at::mm(a, b_t).to(acc);
+#endif
+}
 
 template <typename T>
 __device__ __forceinline__ T exp_(T x);
@@ -162,10 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forw
   check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
-  const at::Tensor S = student.contiguous().to(acc), T = teacher.contiguous().to(acc);
+  const at::Tensor S = student.contiguous(), T = teacher.contiguous();  // the GEMMs read the input dtype
   const int64_t rows_s = S.size(0), rows_t = T.size(0), D = S.size(1), V = idx.numel();
   const int64_t B = rows_t / n_global, n_crops = rows_s / B;
-  const auto opts = S.options();
+  const auto opts = S.options().dtype(acc);
   const int64_t Vc = cuda_chunk(V, rows_s + rows_t, acc);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -175,17 +194,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forw
   at::Tensor rescale = at::empty({rows_t}, opts);
   at::Tensor U = at::zeros({rows_t, D}, opts);
   at::Tensor colsum = at::empty({V}, opts);
-  at::Tensor buf_s = at::empty({rows_s * Vc}, opts), buf_t = at::empty({rows_t * Vc}, opts);
   for (int64_t c0 = 0; c0 < V; c0 += Vc) {
     const int64_t n = std::min(Vc, V - c0);
     const at::Tensor idx_chunk = idx.narrow(0, c0, n);
-    const at::Tensor ws_chunk = w_student.index_select(0, idx_chunk).to(acc);  // [n, D]
-    const at::Tensor wt_chunk = w_teacher.index_select(0, idx_chunk).to(acc);
+    const at::Tensor ws_chunk = w_student.index_select(0, idx_chunk);  // [n, D], input dtype
+    const at::Tensor wt_chunk = w_teacher.index_select(0, idx_chunk);
     const at::Tensor c_chunk = center.index_select(0, idx_chunk).to(acc).contiguous();
-    at::Tensor logits_s = buf_s.narrow(0, 0, rows_s * n).view({rows_s, n});
-    at::Tensor logits_t = buf_t.narrow(0, 0, rows_t * n).view({rows_t, n});
-    at::mm_out(logits_s, S, ws_chunk.t());
-    at::mm_out(logits_t, T, wt_chunk.t());
+    const at::Tensor logits_s = mm_acc(S, ws_chunk.t(), acc);  // [rows_s, n] fp32
+    at::Tensor logits_t = mm_acc(T, wt_chunk.t(), acc);        // [rows_t, n] fp32
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_dino_forward_cuda", [&] {
       column_sums_kernel<scalar_t><<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
           logits_t.data_ptr<scalar_t>(), rows_t, n, colsum.data_ptr<scalar_t>() + c0);
@@ -199,12 +215,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forw
           max_t.data_ptr<scalar_t>(), sum_t.data_ptr<scalar_t>(), rescale.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    U.mul_(rescale.unsqueeze(1)).addmm_(logits_t, ws_chunk);  // U_g += sum_j exp(z_gj - max_g) Ws[idx_j]
+    // U_g += sum_j exp(z_gj - max_g) Ws[idx_j], in fp32 (the loss value is built from U)
+    U.mul_(rescale.unsqueeze(1)).addmm_(logits_t, ws_chunk.to(acc));
   }
   U.div_(sum_t.unsqueeze(1));  // now U_g = sum_j p_gj Ws[idx_j]
   const at::Tensor lse_s = max_s + sum_s.log();
   const at::Tensor lse_t = max_t + sum_t.log();
-  const at::Tensor loss = assemble_loss(S, lse_s, U, tau_s, B, n_crops, n_global);
+  const at::Tensor loss = assemble_loss(S.to(acc), lse_s, U, tau_s, B, n_crops, n_global);
   return {loss, colsum, lse_s, lse_t, U};
 }
 
@@ -216,46 +233,45 @@ std::tuple<at::Tensor, at::Tensor> dino_backward_cuda(
   check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
+  const auto in = student.scalar_type();
   const int64_t rows_s = student.size(0), rows_t = teacher.size(0), D = student.size(1), V = idx.numel();
   const int64_t B = rows_t / n_global, n_crops = rows_s / B;
   at::Tensor grad_s = at::empty({0}, student.options());
   at::Tensor grad_w = at::empty({0}, w_student.options());
   if (!need_grad_student && !need_grad_w) return {grad_s, grad_w};
 
-  const at::Tensor S = student.contiguous().to(acc), T = teacher.contiguous().to(acc);
-  const auto opts = S.options();
+  const at::Tensor S = student.contiguous(), T = teacher.contiguous();
+  const auto opts = S.options().dtype(acc);
   const at::Tensor k = grad_loss.to(acc) / (static_cast<double>(num_pairs(n_crops, n_global) * B) * tau_s);
   const at::Tensor lse_s = lse_student.to(acc).contiguous(), lse_t = lse_teacher.to(acc).contiguous();
   const at::Tensor counts = partner_counts(B, n_crops, n_global, opts);  // [rows_s, 1]
   at::Tensor S_weighted, A, grad_w_idx, Q;
   if (need_grad_w) {
-    S_weighted = S * counts;                              // n_g(c) S_r
-    A = paired_student_sum(S, B, n_crops, n_global);      // [rows_t, D]
+    S_weighted = (S.to(acc) * counts).to(in);                    // n_g(c) S_r (GEMM operand: input dtype)
+    A = paired_student_sum(S.to(acc), B, n_crops, n_global).to(in);  // [rows_t, D]
     grad_w_idx = at::empty({V, D}, opts);
   }
   if (need_grad_student) Q = at::zeros({rows_s, D}, opts);  // sum_j P_s_rj Ws[idx_j]
   const int64_t Vc = cuda_chunk(V, rows_s + rows_t, acc);
-  at::Tensor buf_s = at::empty({rows_s * Vc}, opts), buf_t = at::empty({rows_t * Vc}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   for (int64_t c0 = 0; c0 < V; c0 += Vc) {
     const int64_t n = std::min(Vc, V - c0);
     const at::Tensor idx_chunk = idx.narrow(0, c0, n);
-    const at::Tensor ws_chunk = w_student.index_select(0, idx_chunk).to(acc);
-    at::Tensor p_s = buf_s.narrow(0, 0, rows_s * n).view({rows_s, n});
-    at::mm_out(p_s, S, ws_chunk.t());  // student probabilities, recomputed from the saved lse
+    const at::Tensor ws_chunk = w_student.index_select(0, idx_chunk);
+    at::Tensor p_s = mm_acc(S, ws_chunk.t(), acc);  // student probabilities, recomputed from the saved lse
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_dino_backward_student_cuda", [&] {
       probabilities_kernel<scalar_t><<<elementwise_blocks(rows_s * n), kThreads, 0, stream>>>(
           p_s.data_ptr<scalar_t>(), nullptr, rows_s, n, static_cast<scalar_t>(1.0 / tau_s),
           lse_s.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (need_grad_student) Q.addmm_(p_s, ws_chunk);
+    const at::Tensor p_s_in = p_s.to(in);  // no copy for fp32 / fp64
+    if (need_grad_student) Q.add_(mm_acc(p_s_in, ws_chunk, acc));
     if (need_grad_w) {
-      const at::Tensor wt_chunk = w_teacher.index_select(0, idx_chunk).to(acc);
+      const at::Tensor wt_chunk = w_teacher.index_select(0, idx_chunk);
       const at::Tensor c_chunk = center.index_select(0, idx_chunk).to(acc).contiguous();
-      at::Tensor p_t = buf_t.narrow(0, 0, rows_t * n).view({rows_t, n});
-      at::mm_out(p_t, T, wt_chunk.t());  // teacher probabilities
+      at::Tensor p_t = mm_acc(T, wt_chunk.t(), acc);  // teacher probabilities
       AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_dino_backward_teacher_cuda", [&] {
         probabilities_kernel<scalar_t><<<elementwise_blocks(rows_t * n), kThreads, 0, stream>>>(
             p_t.data_ptr<scalar_t>(), c_chunk.data_ptr<scalar_t>(), rows_t, n, static_cast<scalar_t>(1.0 / tau_t),
@@ -263,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> dino_backward_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       at::Tensor gw = grad_w_idx.narrow(0, c0, n);
-      at::mm_out(gw, p_s.t(), S_weighted);
-      gw.addmm_(p_t.t(), A, 1, -1);
+      gw.copy_(mm_acc(p_s_in.t(), S_weighted, acc));
+      gw.sub_(mm_acc(p_t.to(in).t(), A, acc));
     }
   }
   if (need_grad_w) {

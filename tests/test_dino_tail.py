@@ -1,0 +1,386 @@
+"""dino_tail.py: prototype subsampling, utilisation counts, the linear probe, multi-crop pieces, and the run
+(bad flags, exact resume after SIGKILL, one vs two processes)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.special
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.modified_resnet import AttentionPool2d
+
+import dino_tail
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- prototype subsampling -------------------------------------------------------------------------------
+
+def test_sample_prototypes_is_a_sorted_uniform_subset():
+    idx = dino_tail.sample_prototypes(1000, 64, dino_tail.prototype_generator(3, 1, 7))
+    assert idx.dtype == torch.int64 and len(idx) == 64 and len(torch.unique(idx)) == 64
+    assert torch.all(idx[1:] > idx[:-1]) and idx.min() >= 0 and idx.max() < 1000
+    again = dino_tail.sample_prototypes(1000, 64, dino_tail.prototype_generator(3, 1, 7))
+    other = dino_tail.sample_prototypes(1000, 64, dino_tail.prototype_generator(3, 1, 8))
+    assert torch.equal(idx, again) and not torch.equal(idx, other)
+    assert torch.equal(dino_tail.sample_prototypes(50, 0, None), torch.arange(50))
+    # uniform: over many iterations every prototype is drawn about V/K of the time
+    counts = torch.zeros(100)
+    for step in range(2000):
+        counts[dino_tail.sample_prototypes(100, 10, dino_tail.prototype_generator(0, 0, step))] += 1
+    assert abs(counts.mean().item() - 200) < 1e-9 and counts.min() > 140 and counts.max() < 260
+
+
+def _idx_worker(rank, world_size, init_file, out_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(1234 + 99 * rank)  # each rank's global RNG differs; the draw must not depend on it
+    torch.rand(rank * 5 + 1)
+    draws = torch.stack([dino_tail.sample_prototypes(4096, 256, dino_tail.prototype_generator(0, epoch, step))
+                         for epoch in range(2) for step in range(5)])
+    gathered = [torch.zeros_like(draws) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, draws)
+    if rank == 0:
+        torch.save(gathered, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_gets_the_same_idx(tmp_path):
+    """Two gloo processes with different global RNG states draw identical subsets at every (epoch, step)."""
+    out = str(tmp_path / "draws.pt")
+    torch.multiprocessing.spawn(_idx_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    rank0, rank1 = torch.load(out)
+    assert torch.equal(rank0, rank1)
+    assert len({tuple(row.tolist()) for row in rank0}) == len(rank0)  # a fresh subset every iteration
+
+
+# ---- utilisation ---------------------------------------------------------------------------------------
+
+def _unit(*v):
+    v = torch.tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+def _rotated(base, other, cos):
+    """A unit vector at cosine `cos` from unit `base`, in the plane of base and other."""
+    o = other - (other @ base) * base
+    o = o / o.norm()
+    return cos * base + (1 - cos ** 2) ** 0.5 * o
+
+
+def test_count_distinct_prototypes_hand_made():
+    e = torch.eye(6, dtype=torch.float64)
+    near_e0 = _rotated(e[0], e[1], 0.99)          # a near-duplicate of e0 (cos 0.99 > 0.975)
+    chain1 = _rotated(e[2], e[3], 0.98)           # e2 - chain1 - chain2: neighbours at cos 0.98 ...
+    chain2 = _rotated(chain1, e[4], 0.98)
+    assert (e[2] @ chain2) < 0.975                # ... while the ends are farther apart: merged transitively
+    far = _rotated(e[5], e[0], 0.9)               # cos 0.9: distinct from e5
+    w = torch.stack([e[0], near_e0, e[2], chain1, chain2, e[5], far, e[0].clone()])
+    # components: {e0, near_e0, e0 copy}, {e2, chain1, chain2}, {e5}, {far}
+    assert dino_tail.count_distinct_prototypes(w, eps=0.025) == 4
+    assert dino_tail.count_distinct_prototypes(w, eps=0.025, chunk=3) == 4
+    assert dino_tail.count_distinct_prototypes(w, eps=0.15) == 3     # cos 0.9 > 0.85 now merges far into e5
+    assert dino_tail.count_distinct_prototypes(w, eps=1e-4) == 7     # only the exact copy merges
+    assert dino_tail.count_distinct_prototypes(w[torch.randperm(8)], eps=0.025) == 4
+    assert dino_tail.count_distinct_prototypes(3.0 * w, eps=0.025) == 4  # cosine, not dot product
+
+
+def test_argmax_winners_and_prototype_utilisation_hand_made():
+    assert dino_tail.count_argmax_winners(torch.tensor([3, 3, 0, 7, 3]), 10) == 3
+
+    class Features(torch.utils.data.Dataset):  # items (image, label); "images" are already embeddings
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], 0
+
+    protos = torch.eye(4)                                   # prototype j = e_j
+    x = torch.tensor([[1.0, 0.2, 0, 0], [0.9, 0, 0.1, 0], [0, 0, 1, 0], [0, 0, 0.8, 0.9]])
+    head = dino_tail.DINOHead(4, 4, 8, 4)
+    head.mlp = nn.Identity()
+    head.prototypes.data.copy_(protos)
+    model = dino_tail.DINOModel(nn.Identity(), head)
+    args = type("A", (), dict(workers=0, utilisation_eps=0.025))()
+    dist = dino_tail.data.Dist()
+    # winners by hand: argmax of cos(x, e_j) - centre_j: rows -> 0, 0, 2, 3
+    got = dino_tail.prototype_utilisation(model, torch.zeros(4), Features(x), args, dist)
+    assert got == dict(argmax_winners=3, distinct_prototypes=4, prototypes=4)
+    # a centre penalising prototype 3 moves row 3's win to prototype 2: rows -> 0, 0, 2, 2
+    got = dino_tail.prototype_utilisation(model, torch.tensor([0, 0, 0, 0.5]), Features(x), args, dist)
+    assert got["argmax_winners"] == 2
+
+
+# ---- linear probe ----------------------------------------------------------------------------------------
+
+def _objective_numpy(params, x, y, num_classes, l2, multilabel):
+    """sum_i loss_i + l2/2 ||W||^2 (bias unregularised) and its gradient, in numpy: scikit-learn's objective
+    with C = 1/l2, the one ssl-transfer's linear probe minimises."""
+    f = x.shape[1]
+    w, b = params[: f * num_classes].reshape(f, num_classes), params[f * num_classes:]
+    z = x @ w + b
+    if multilabel:
+        loss = np.sum(np.logaddexp(0, z) - y * z)
+        dz = scipy.special.expit(z) - y
+    else:
+        lse = scipy.special.logsumexp(z, axis=1)
+        loss = np.sum(lse - z[np.arange(len(y)), y])
+        dz = np.exp(z - lse[:, None])
+        dz[np.arange(len(y)), y] -= 1
+    loss += 0.5 * l2 * np.sum(w * w)
+    grad = np.concatenate([(x.T @ dz + l2 * w).ravel(), dz.sum(0)])
+    return loss, grad
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("l2", [0.3, 20.0])
+def test_logistic_regression_matches_scipy(multilabel, l2):
+    rng = np.random.default_rng(0)
+    n, f, c = 80, 6, 4
+    x = rng.normal(size=(n, f))
+    w_true = rng.normal(size=(f, c)) * 2
+    if multilabel:
+        y = (x @ w_true + rng.normal(size=(n, c)) > 0).astype(np.float64)
+    else:
+        y = np.argmax(x @ w_true + rng.gumbel(size=(n, c)), axis=1)
+    ref = scipy.optimize.minimize(_objective_numpy, np.zeros(f * c + c), args=(x, y, c, l2, multilabel), jac=True,
+                                  method="L-BFGS-B", options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
+    w, b = dino_tail.fit_logistic_regression(torch.tensor(x), torch.tensor(y), c, l2, multilabel, max_iter=500, tol=1e-10)
+    ours = np.concatenate([w.numpy().ravel(), b.numpy()])
+    np.testing.assert_allclose(ours, ref.x, rtol=1e-5, atol=1e-6)
+    _, grad = _objective_numpy(ours, x, y, c, l2, multilabel)
+    assert np.abs(grad).max() < 1e-5 * n  # a stationary point of the sum objective
+
+
+def test_logistic_regression_separable_closed_form():
+    """Two points x = +1 (label 1) and x = -1 (label 0), one feature. With g = w1 - w0 the logit gap per unit
+    x, the sum objective is 2 log(1 + exp(-g)) + l2/2 (w0^2 + w1^2), minimised at w1 = -w0 = g/2 (bias gap 0
+    by symmetry), i.e. where 2 / (1 + exp(g)) = l2 g / 2."""
+    x = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    l2 = 0.5
+    w, b = dino_tail.fit_logistic_regression(x, y, 2, l2, max_iter=500, tol=1e-12)
+    gap = (w[0, 1] - w[0, 0]).item()  # the multinomial model's logit gap per unit x
+    root = scipy.optimize.brentq(lambda g: 2 / (1 + np.exp(g)) - l2 * g / 2, 1e-9, 50)
+    assert abs(gap - root) < 1e-6 and abs(b[1] - b[0]) < 1e-8
+
+
+def test_eleven_point_ap_hand_made():
+    # ranked: pos, neg, pos, neg -> (P, R) at the 4 thresholds: (1, .5) (.5, .5) (2/3, 1) (.5, 1)
+    ap = dino_tail.eleven_point_ap([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    assert abs(ap - (6 * 1.0 + 5 * (2 / 3)) / 11) < 1e-12
+    assert dino_tail.eleven_point_ap([0.1, 0.9, 0.5], [1, 1, 1]) == 1.0
+    # tied scores form one threshold: two items at 0.5, one positive -> P = 1/2 at R = 1
+    assert abs(dino_tail.eleven_point_ap([0.5, 0.5], [1, 0]) - 0.5) < 1e-12
+    assert dino_tail.eleven_point_ap([0.3, 0.2], [0, 0]) == 0.0
+
+
+def _probe_task(seed=0, n=240, f=8, c=3):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(c, f)) * 1.2
+    def split(m):
+        y = rng.integers(0, c, m)
+        return torch.tensor(centres[y] + rng.normal(size=(m, f))), torch.tensor(y)
+    return dict(num_classes=c, metric="top1", train=split(n), val=split(n // 4), test=split(n))
+
+
+def test_regularisation_is_chosen_on_validation_data_only():
+    task = _probe_task()
+    grid = np.logspace(-2, 4, 7)
+    (x_tr, y_tr), (x_val, y_val) = task["train"], task["val"]
+    chosen, scores = dino_tail.select_regularisation(x_tr, y_tr, x_val, y_val, 3, "top1", grid=grid, max_iter=500,
+                                                    tol=1e-10)
+    # independent: scipy fit per value, validation accuracy, first best
+    by_hand = []
+    for l2 in grid:
+        p = scipy.optimize.minimize(_objective_numpy, np.zeros(8 * 3 + 3), args=(x_tr.numpy(), y_tr.numpy(), 3, l2, False),
+                                    jac=True, method="L-BFGS-B", options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12)).x
+        pred = np.argmax(x_val.numpy() @ p[:24].reshape(8, 3) + p[24:], axis=1)
+        by_hand.append(float((pred == y_val.numpy()).mean()))
+    np.testing.assert_allclose(scores, by_hand)
+    assert chosen == grid[int(np.argmax(by_hand))]
+    # the test split plays no part: scrambling its labels changes the score, never the choice
+    result, _ = dino_tail.linear_probe(task, max_iter=500)
+    scrambled = dict(task, test=(task["test"][0], task["test"][1][torch.randperm(len(task["test"][1]))]))
+    result_scrambled, _ = dino_tail.linear_probe(scrambled, max_iter=500)
+    assert result["l2"] == result_scrambled["l2"] and result["best_val"] == result_scrambled["best_val"]
+    # the default grid: 45 log-spaced values in [1e-6, 1e5] (Appx. D.3)
+    assert result["l2"] in set(dino_tail.REGULARISATION_GRID) and len(dino_tail.REGULARISATION_GRID) == 45
+    assert dino_tail.REGULARISATION_GRID[0] == pytest.approx(1e-6) and dino_tail.REGULARISATION_GRID[-1] == pytest.approx(1e5)
+
+
+def test_probe_refits_on_train_plus_val_and_reports_metrics():
+    task = _probe_task(seed=1)
+    result, logits = dino_tail.linear_probe(task, max_iter=300)
+    x = torch.cat([task["train"][0], task["val"][0]])
+    y = torch.cat([task["train"][1], task["val"][1]])
+    w, b = dino_tail.fit_logistic_regression(x, y, 3, result["l2"], max_iter=300)
+    torch.testing.assert_close(logits, task["test"][0].double() @ w + b)
+    preds = logits.argmax(1)
+    assert result["top1"] == pytest.approx((preds == task["test"][1]).double().mean().item())
+    per_class = [(preds[task["test"][1] == k] == k).double().mean().item() for k in range(3)]
+    assert result["mean_per_class"] == pytest.approx(np.mean(per_class))
+    assert result["top1"] > 0.6  # well-separated classes
+
+
+# ---- model and augmentation ------------------------------------------------------------------------------
+
+def test_resizable_attention_pool_matches_open_clip_at_native_size():
+    torch.manual_seed(0)
+    pool = AttentionPool2d(2, 32, 4, 16)
+    resizable = dino_tail.ResizableAttentionPool2d(2, 32, 4, 16)
+    resizable.load_state_dict(pool.state_dict())
+    x = torch.randn(3, 32, 2, 2)
+    torch.testing.assert_close(resizable(x), pool(x))
+    assert resizable(torch.randn(3, 32, 1, 1)).shape == (3, 16)  # a smaller (local-crop) grid works too
+
+
+def test_model_embeds_multicrop_lists_crop_major():
+    args = dino_tail.parse_args(["--prototypes", "32", "--hidden-dim", "16", "--bottleneck-dim", "8",
+                                 "--global-size", "64", "--local-size", "32"])
+    torch.manual_seed(0)
+    model = dino_tail.build_model(args).eval()
+    crops = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]
+    emb, protos = model(crops)
+    assert emb.shape == (6, 8) and protos.shape == (32, 8)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(emb[4:], model.head(model.backbone(crops[2])))  # crop-major order
+
+
+def test_photometric_identity_and_blur():
+    x = torch.rand(3, 3, 32, 32)
+    neutral = torch.tensor([[0, 1, 1, 1, 0, 0, 0, 0]] * 3, dtype=torch.float32)
+    mean = torch.tensor(dino_tail.data.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(dino_tail.data.CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(dino_tail.photometric_augment(x, neutral), (x - mean) / std)
+    jitter_neutral = neutral.clone()
+    jitter_neutral[:, 0] = 1  # jitter on with neutral factors (hue 0) changes nothing either
+    torch.testing.assert_close(dino_tail.photometric_augment(x, jitter_neutral), (x - mean) / std, atol=1e-5, rtol=0)
+    solarize = neutral.clone()
+    solarize[:, 7] = 1
+    torch.testing.assert_close(dino_tail.photometric_augment(x, solarize) * std + mean, torch.where(x >= 0.5, 1 - x, x))
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(dino_tail.gaussian_blur(flat, torch.tensor([1.5])), flat)  # blur keeps a constant
+    blurred = dino_tail.gaussian_blur(x, torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(blurred[0], x[0])
+    assert blurred[2].std() < blurred[1].std() < x[1].std()
+
+
+def test_multicrop_transform_is_seeded_per_sample():
+    mc = dino_tail.MultiCropTransform((0.14, 1), (0.05, 0.14), 3, 32, 32)
+    img = (torch.rand(3, 32, 32) * 255).to(torch.uint8)
+    torch.manual_seed(5)
+    crops, params = mc(img)
+    torch.manual_seed(5)
+    crops2, params2 = mc(img)
+    assert len(crops) == 5 and params.shape == (5, dino_tail.PHOTO_PARAMS)
+    assert all(torch.equal(a, b) for a, b in zip(crops, crops2)) and torch.equal(params, params2)
+    assert params[0, 6] > 0 and params[1, 7] in (0, 1) and params[0, 7] == 0  # global 1 always blurred
+
+
+def test_sinkhorn_knopp_equipartitions():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 5) * 3
+    q = dino_tail.sinkhorn_knopp(logits, 0.5, 200, dino_tail.data.Dist())
+    torch.testing.assert_close(q.sum(1), torch.ones(12))              # a distribution per row
+    torch.testing.assert_close(q.sum(0), torch.full((5,), 12 / 5), rtol=1e-4, atol=1e-4)  # equal mass per column
+
+
+def test_cosine_schedule():
+    s = dino_tail.cosine_schedule(1.0, 0.0, 10, warmup_steps=2)
+    assert len(s) == 10 and s[0] == 0.0 and s[1] == 0.5 and s[2] == 1.0 and s[-1] > 0 and np.all(np.diff(s[2:]) < 0)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+TINY = ["--num-train", "96", "--classes", "rand8", "--num-test-per-class", "2", "--batch-size", "32",
+        "--prototypes", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--transfer", "none"]
+
+
+def _run(args, env_extra=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "dino_tail.py"] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                          **kw)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--voc", "100", "--prototypes", "64"], "--voc 100 is larger than the 64 prototypes"),
+    (["--global-size", "40"], "multiples of 32"),
+    (["--transfer", "cifar10"], "needs --data other than synthetic"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path):
+    result = _run(flags + ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path)])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def _tensors(state):
+    out = {}
+    for key in ("student", "teacher"):
+        out.update({f"{key}.{k}": v for k, v in state[key].items()})
+    out["center"] = state["center"]
+    return out
+
+
+def test_resume_is_exact_after_sigkill(tmp_path):
+    cache = str(tmp_path / "cache")
+    common = TINY + ["--epochs", "4", "--voc", "16", "--cache-dir", cache]
+    full = _run(common + ["--out", str(tmp_path / "full")], timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "dino_tail.py"] + common + ["--out", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "checkpoint.pt"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(checkpoint, weights_only=False)
+    assert 1 <= saved["epoch"] < 4, "the kill must land before the run finished"
+    resumed = _run(common + ["--out", str(out), "--resume"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed {out} at epoch" in resumed.stdout
+
+    a = _tensors(torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False))
+    b = _tensors(torch.load(checkpoint, weights_only=False))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    logs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["epoch"] for r in logs] == [0, 1, 2, 3]
+    fa = json.load(open(tmp_path / "full" / "final.json"))
+    fb = json.load(open(out / "final.json"))
+    assert fa["utilisation"] == fb["utilisation"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes and the same global batch trains the same model as 1 process (up to
+    reduction order), with identical prototype draws (the run would diverge otherwise)."""
+    cache = str(tmp_path / "cache")
+    common = TINY + ["--epochs", "2", "--voc", "16", "--cache-dir", cache]
+    one = _run(common + ["--out", str(tmp_path / "one")], timeout=900)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "dino_tail.py"] + common + ["--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = _tensors(torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False))
+    b = _tensors(torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False))
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
