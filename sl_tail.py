@@ -52,16 +52,19 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/sl_tail", help="run directory (args.json, log.jsonl, final.json, ...)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and vocabulary draws")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="paper = Appx. C.1")
-    p.add_argument("--model", default=None, choices=sorted(MODELS))
+    def recipe_help(key, text=""):
+        return text + " (" + ", ".join(f"{name} recipe: {r[key]}" for name, r in RECIPES.items()) + ")"
+
+    p.add_argument("--model", default=None, choices=sorted(MODELS), help=recipe_help("model", "CLIP's modified ResNet"))
     p.add_argument("--embed-dim", type=int, default=None, help="feature/prototype dim (default: the head file's, else 1024)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch over all processes")
+    p.add_argument("--epochs", type=int, default=None, help=recipe_help("epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help=recipe_help("batch_size", "global batch over all processes"))
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 x batch-size / 256 (Appx. C.1)")
-    p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=None, help=recipe_help("momentum", "SGD Nesterov momentum"))
+    p.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
     p.add_argument("--lr-steps", default=None,
                    help="epochs where the lr is multiplied by 0.1 (default: 1/3, 5/9, 7/9 of --epochs; paper 30,50,70)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
+    p.add_argument("--workers", type=int, default=None, help=recipe_help("workers", "DataLoader workers per process"))
     p.add_argument("--voc", type=int, default=0, help="classes per iteration's vocabulary; 0 = all classes")
     p.add_argument("--voc-sampling", default="freq", choices=["freq", "sqrt", "uniform"],
                    help="fill classes drawn prop. to training frequency, its square root, or uniformly")
