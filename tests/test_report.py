@@ -218,3 +218,18 @@ def test_report_cli_on_a_missing_folder_fails_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "report.py", "--runs", str(tmp_path / "nope")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+
+
+def test_smaller_voc_rule_uses_the_effective_vocabulary(tmp_path):
+    """When a batch holds more classes than V, the run competed over those (voc_effective), not over V."""
+    table = dict(SUPPORTED)
+    for name, eff in (("sl_voc10", 69.0), ("sl_voc20", 69.0), ("sl_voc50", 71.0), ("sl_voc0", 100.0)):
+        table[name] = dict(table[name], voc_effective=eff)
+    table["sl_voc50"] = dict(table["sl_voc50"], corr_pred=0.20)  # below V=10 and V=20: not monotone
+    runs = fabricate(tmp_path, table)
+    result = report.claim_smaller_voc_debias(runs)
+    effective, corr = [69.0, 69.0, 71.0, 100.0], [0.25, 0.40, 0.20, 0.80]
+    rho = scipy_stats.spearmanr(effective, corr).statistic
+    assert result["rows"][-1][-1] == f"{rho:.3f}"
+    assert result["verdict"] == ("supported" if rho >= 0.8 else "not supported") == "not supported"
+    assert [row[2] for row in result["rows"][:4]] == ["69.0", "69.0", "71.0", "100.0"]
