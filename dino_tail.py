@@ -123,10 +123,12 @@ def parse_args(argv=None):
     g.add_argument("--probe-train-per-class", type=int, default=24, help="synthetic tasks: probe training images "
                    "per class (20%% of them become the validation split)")
     g.add_argument("--probe-test-per-class", type=int, default=20)
-    g.add_argument("--probe-max-iter", type=int, default=200, help="L-BFGS iterations per fit")
+    g.add_argument("--probe-max-iter", type=int, default=100, help="L-BFGS iterations per fit")
     g.add_argument("--probe-image-size", type=int, default=None, help="real data: resize/centre-crop size (224)")
     data.add_data_args(p)
-    p.set_defaults(num_train=6000)  # the embedded default world: 6000 images of the 100 ImageNet-100 classes
+    # The embedded default world for DINO: 6000 images of the ImageNet-100 classes with LAIONet's class
+    # frequencies (the imbalanced pre-training set of Sec. 4.2; --profile uniform gives the balanced one).
+    p.set_defaults(num_train=6000, profile="laionet-0.7")
     args = p.parse_args(argv)
 
     recipe = RECIPES[args.recipe]

@@ -69,9 +69,40 @@ int64_t num_pairs(int64_t n_crops, int64_t n_global) {
   return pairs;
 }
 
-// Guards for direct torch.ops calls; proto_ce.py validates user input with friendlier messages first.
+// idx must be 1-d int64, non-empty, within [0, K), sorted and unique. Checked here rather than in Python so
+// that the op stays traceable by torch.compile (no data-dependent Python branches). On a GPU one small
+// device-to-host copy decides whether the detailed scan (which names the offending entry) is needed.
+void check_idx(const at::Tensor& idx, int64_t K) {
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong,
+                    "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
+  const int64_t V = idx.numel();
+  TORCH_CHECK_VALUE(V > 0, "proto_ce: idx is empty (V == 0); sample at least one prototype");
+  at::Tensor host = idx;
+  if (!idx.is_cpu()) {
+    at::Tensor ok = at::logical_and(idx.min() >= 0, idx.max() < K);
+    if (V > 1) ok = at::logical_and(ok, (idx.narrow(0, 1, V - 1) > idx.narrow(0, 0, V - 1)).all());
+    if (ok.item<bool>()) return;
+    host = idx.cpu();
+  }
+  host = host.contiguous();
+  const int64_t* id = host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < V; ++i) {
+    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < K, "proto_ce: idx contains prototype id ", id[i], " outside [0, ", K,
+                      ") (the prototypes have ", K, " rows)");
+    if (i > 0) {
+      TORCH_CHECK_VALUE(id[i] != id[i - 1], "proto_ce: idx contains duplicate prototype id ", id[i],
+                        " (idx must be sorted and unique)");
+      TORCH_CHECK_VALUE(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1], " > idx[", i,
+                        "]=", id[i], "); use torch.sort or torch.unique");
+    }
+  }
+}
+
+// Guards for direct torch.ops calls; proto_ce.py checks shapes, dtypes and devices with friendlier messages
+// first. The values of idx are checked here only (check_values: the forward; the backward gets the same idx).
 void check_args(const at::Tensor& S, const at::Tensor& T, const at::Tensor& Ws, const at::Tensor& Wt,
-                const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global) {
+                const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global,
+                bool check_values) {
   TORCH_CHECK_VALUE(S.dim() == 2 && T.dim() == 2 && Ws.dim() == 2 && Ws.sizes() == Wt.sizes() &&
                         S.size(1) == Ws.size(1) && T.size(1) == Ws.size(1),
                     "proto_ce.dino: student [n_crops*B, D], teacher [n_global*B, D], w_student and w_teacher "
@@ -79,8 +110,6 @@ void check_args(const at::Tensor& S, const at::Tensor& T, const at::Tensor& Ws, 
   TORCH_CHECK_VALUE(S.scalar_type() == T.scalar_type() && S.scalar_type() == Ws.scalar_type() &&
                         S.scalar_type() == Wt.scalar_type() && S.scalar_type() == center.scalar_type(),
                     "proto_ce.dino: student, teacher, prototypes and center must share one dtype");
-  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() > 0,
-                    "proto_ce.dino: idx must be a non-empty 1-d int64 tensor");
   TORCH_CHECK_VALUE(center.dim() == 1 && center.size(0) == Ws.size(0), "proto_ce.dino: center must be [K]");
   TORCH_CHECK_VALUE(n_global >= 1 && T.size(0) > 0 && T.size(0) % n_global == 0,
                     "proto_ce.dino: teacher rows must be n_global*B with B > 0");
@@ -88,6 +117,12 @@ void check_args(const at::Tensor& S, const at::Tensor& T, const at::Tensor& Ws, 
   TORCH_CHECK_VALUE(S.size(0) % B == 0 && S.size(0) / B >= n_global && num_pairs(S.size(0) / B, n_global) > 0,
                     "proto_ce.dino: student rows must be n_crops*B with n_crops >= n_global and at least one pair");
   TORCH_CHECK_VALUE(tau_s > 0 && tau_t > 0, "proto_ce.dino: temperatures must be positive");
+  if (check_values) {
+    check_idx(idx, Ws.size(0));
+  } else {
+    TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() > 0,
+                      "proto_ce.dino: idx must be a non-empty 1-d int64 tensor");
+  }
 }
 
 // M_r = sum_{g in G(r)} U_g = (sum over the image's global views) - (the crop's own view, if global).
@@ -226,7 +261,7 @@ void probabilities(at::Tensor& logits, const at::Tensor& center, double inv_tau,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w_student, const at::Tensor& w_teacher,
     const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global) {
-  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global);
+  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, true);
   const auto acc = acc_dtype(student.scalar_type());
   const at::Tensor S = student.contiguous().to(acc), T = teacher.contiguous().to(acc);  // no copy for fp32/64
   const int64_t rows_s = S.size(0), rows_t = T.size(0), D = S.size(1), V = idx.numel();
@@ -267,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> dino_backward_cpu(
     const at::Tensor& w_teacher, const at::Tensor& idx, const at::Tensor& center, const at::Tensor& lse_student,
     const at::Tensor& lse_teacher, const at::Tensor& u, double tau_s, double tau_t, int64_t n_global,
     bool need_grad_student, bool need_grad_w) {
-  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global);
+  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, false);
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t rows_s = student.size(0), rows_t = teacher.size(0), D = student.size(1), V = idx.numel();
   const int64_t B = rows_t / n_global, n_crops = rows_s / B;

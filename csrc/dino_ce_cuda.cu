@@ -34,7 +34,8 @@ namespace dino {
 // Device-independent pieces, defined in dino_ce_cpu.cpp.
 int64_t num_pairs(int64_t n_crops, int64_t n_global);
 void check_args(const at::Tensor& S, const at::Tensor& T, const at::Tensor& Ws, const at::Tensor& Wt,
-                const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global);
+                const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global,
+                bool check_values);
 at::Tensor paired_teacher_sum(const at::Tensor& U, int64_t B, int64_t n_crops, int64_t n_global);
 at::Tensor paired_student_sum(const at::Tensor& S, int64_t B, int64_t n_crops, int64_t n_global);
 at::Tensor partner_counts(int64_t B, int64_t n_crops, int64_t n_global, const at::TensorOptions& options);
@@ -178,7 +179,7 @@ unsigned elementwise_blocks(int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w_student, const at::Tensor& w_teacher,
     const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global) {
-  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global);
+  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, true);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
   const at::Tensor S = student.contiguous(), T = teacher.contiguous();  // the GEMMs read the input dtype
@@ -230,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> dino_backward_cuda(
     const at::Tensor& w_teacher, const at::Tensor& idx, const at::Tensor& center, const at::Tensor& lse_student,
     const at::Tensor& lse_teacher, const at::Tensor& u, double tau_s, double tau_t, int64_t n_global,
     bool need_grad_student, bool need_grad_w) {
-  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global);
+  check_args(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, false);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
   const auto in = student.scalar_type();
