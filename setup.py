@@ -18,8 +18,13 @@ import os
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    raise SystemExit("setup.py: error: torch is needed to build the extension: install it first "
+                     "(pip install -r requirements.txt), then `pip install --no-build-isolation .` "
+                     "(pip's isolated build environment has no torch)")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -52,12 +57,13 @@ def extension():
     with_cuda = CUDA_HOME is not None and torch.version.cuda is not None and (torch.cuda.is_available() or force_cuda)
     # The hash goes in unquoted (the build commands pass through a shell); ops.cpp turns it into a string.
     macros = [("PROTO_CE_SOURCES_HASH", sources_hash())]
+    cxx_flags = ["-O3", "-g0"]  # -g0: no debug info (Python's CFLAGS add -g), a faster build and a smaller library
     if not with_cuda:
-        return CppExtension("_proto_ce_ext", cpp_sources, define_macros=macros, extra_compile_args=["-O3"])
+        return CppExtension("_proto_ce_ext", cpp_sources, define_macros=macros, extra_compile_args=cxx_flags)
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     return CUDAExtension("_proto_ce_ext", cpp_sources + cuda_sources, define_macros=macros + [("PROTO_CE_WITH_CUDA", None)],
-                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
 
 
 setup(

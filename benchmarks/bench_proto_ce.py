@@ -148,6 +148,8 @@ def peak_extra_bytes(fn, inputs, device):
     clear_grads(inputs)
     events = allocation_events(fn, inputs, device)
     clear_grads(inputs)
+    if not events:  # this torch's profiler recorded no allocations of this device: no trace to read
+        peak, peak_temporary = float("nan"), float("nan")
     last_alloc = {}  # address -> index of its most recent allocation that is still alive
     for i, (_, ptr, nbytes) in enumerate(events):
         if nbytes > 0:
@@ -155,19 +157,21 @@ def peak_extra_bytes(fn, inputs, device):
         else:
             last_alloc.pop(ptr, None)
     kept_at_end = set(last_alloc.values())
-    running = kept = peak = peak_temporary = 0
-    for i, (_, _, nbytes) in enumerate(events):
-        running += nbytes
-        kept += nbytes if i in kept_at_end else 0
-        peak = max(peak, running)
-        peak_temporary = max(peak_temporary, running - kept)
+    if events:
+        running = kept = peak = peak_temporary = 0
+        for i, (_, _, nbytes) in enumerate(events):
+            running += nbytes
+            kept += nbytes if i in kept_at_end else 0
+            peak = max(peak, running)
+            peak_temporary = max(peak_temporary, running - kept)
     if device == "cuda":  # cross-check of the total with the caching allocator's own statistics
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step(fn, inputs)
         torch.cuda.synchronize()
-        peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        allocator_peak = torch.cuda.max_memory_allocated() - base
+        peak = allocator_peak if peak != peak else max(peak, allocator_peak)  # (nan != nan)
         clear_grads(inputs)
     return peak, peak_temporary
 
