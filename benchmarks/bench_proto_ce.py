@@ -95,13 +95,16 @@ def clear_grads(inputs):
 
 
 def time_steps(fns, inputs, device, warmup, repeats):
-    """Median seconds of one fwd+bwd step per method; the methods take turns (round robin) so that a
+    """Median wall-clock seconds of one fwd+bwd step per method, and on a CPU also the median CPU time of
+    the process during the step (all its threads; less sensitive to other jobs on a shared machine,
+    though threads that spin while waiting count too). The methods take turns (round robin) so that a
     change in machine load during the run affects them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             clear_grads(inputs)
             step(fn, inputs)
     times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             clear_grads(inputs)
@@ -114,11 +117,13 @@ def time_steps(fns, inputs, device, warmup, repeats):
                 torch.cuda.synchronize()
                 times[name].append(start.elapsed_time(end) / 1e3)
             else:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 step(fn, inputs)
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - start_cpu)
     clear_grads(inputs)
-    return {name: statistics.median(t) for name, t in times.items()}
+    median_cpu = {name: statistics.median(t) if t else float("nan") for name, t in cpu_times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, median_cpu
 
 
 def allocation_events(fn, inputs, device):
@@ -192,18 +197,21 @@ def run_shape(name, shape, args, fns):
         losses = {m: float(fn(*inputs)) for m, fn in fns.items()}
     if max(abs(v - losses["eager"]) for v in losses.values()) > 1e-2 * max(1.0, abs(losses["eager"])):
         sys.exit(f"bench_proto_ce.py: error: the implementations disagree on {name}: {losses}")
-    seconds = time_steps(fns, inputs, args.device, args.warmup, args.repeats)
+    seconds, cpu_seconds = time_steps(fns, inputs, args.device, args.warmup, args.repeats)
     rows = {method: (seconds[method], *peak_extra_bytes(fn, inputs, args.device)) for method, fn in fns.items()}
     mib = 2.0 ** 20
     desc = " ".join(f"{k}={v}" for k, v in shape.items())
     print(f"\n[{name}] {desc}  dtype={args.dtype}  device={args.device}  "
           f"(median of {args.repeats} fwd+bwd steps after {args.warmup} warm-up)")
-    print(f"{'method':<10} {'fwd+bwd ms':>11} {'speed-up vs eager':>18} {'peak extra MiB':>15} "
-          f"{'temporaries MiB':>16} {'temporaries / eager':>20}")
+    cpu = args.device == "cpu"
+    print(f"{'method':<10} {'fwd+bwd ms':>11} {'speed-up vs eager':>18} "
+          + (f"{'cpu-time ms':>12} {'(vs eager)':>10} " if cpu else "")
+          + f"{'peak extra MiB':>15} {'temporaries MiB':>16} {'temporaries / eager':>20}")
     eager_s, _, eager_temp = rows["eager"]
     for method, (sec, peak, temp) in rows.items():
-        print(f"{method:<10} {sec * 1e3:>11.3f} {eager_s / sec:>17.2f}x {peak / mib:>15.2f} "
-              f"{temp / mib:>16.2f} {temp / max(eager_temp, 1):>20.3f}")
+        cpu_cols = f"{cpu_seconds[method] * 1e3:>12.3f} {cpu_seconds['eager'] / cpu_seconds[method]:>9.2f}x " if cpu else ""
+        print(f"{method:<10} {sec * 1e3:>11.3f} {eager_s / sec:>17.2f}x " + cpu_cols
+              + f"{peak / mib:>15.2f} {temp / mib:>16.2f} {temp / max(eager_temp, 1):>20.3f}")
     if "compile" in rows:
         print(f"proto_ce vs compile: {rows['compile'][0] / rows['proto_ce'][0]:.2f}x speed-up, "
               f"{rows['proto_ce'][2] / max(rows['compile'][2], 1):.3f}x the temporaries")
@@ -216,6 +224,8 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"bench_proto_ce.py  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine(args.device)}")
+    if args.device == "cpu" and hasattr(os, "getloadavg"):
+        print(f"load average at start (other jobs on this machine): {os.getloadavg()[0]:.2f}")
     print(f"proto_ce backend for {args.device}: {proto_ce.backend(args.device)}")
     if proto_ce.backend(args.device) == "reference":
         print("warning: the compiled op is not available; 'proto_ce' below is the pure-PyTorch reference")

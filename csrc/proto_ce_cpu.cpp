@@ -153,8 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cpu(
 constexpr int64_t kCpuRowBlockBytes = 8 * 1024 * 1024;
 constexpr int64_t kCpuMinRows = 256;
 
-// Rows per task of at::parallel_for in the row loops: about 16K elements per task.
-int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+// Rows per task of at::parallel_for in the row loops: at least 256K elements per task, so that small
+// blocks run inline on the calling thread. (A parallel region costs microseconds on an idle machine but
+// milliseconds on a loaded one, where it waits for a descheduled thread.)
+int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(row_length, 1)); }
 
 // First pass over a block of unscaled logits z [nb, V], in place: z <- s*z - rowmax(s*z); also keeps
 // rowmax and the target logit s*z[target] of each row. (The caller then applies ATen's vectorised exp.)
@@ -196,14 +198,19 @@ void finish_rows(acc_t* e, const acc_t* row_max, const acc_t* target_logit, cons
   });
 }
 
-// out[r] = a[r] . b[r] for rows of two [nb, D] blocks.
+// For rows of G = (P - Y) w[idx] and x [nb, D]: dscale[r] = G[r] . x[r] (if wanted), then G[r] *= coef.
 template <typename acc_t>
-void row_dots(const acc_t* a, const acc_t* b, acc_t* out, int64_t nb, int64_t D) {
+void finish_grad_rows(acc_t* g, const acc_t* x, acc_t* dscale, int64_t nb, int64_t D, acc_t coef) {
   at::parallel_for(0, nb, row_grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      acc_t dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += a[r * D + d] * b[r * D + d];
-      out[r] = dot;
+      acc_t* gr = g + r * D;
+      if (dscale != nullptr) {
+        const acc_t* xr = x + r * D;
+        acc_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += gr[d] * xr[d];
+        dscale[r] = dot;
+      }
+      for (int64_t d = 0; d < D; ++d) gr[d] *= coef;
     }
   });
 }
@@ -227,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   const bool grads = need_grad_x || need_grad_w || need_grad_scale;
   const at::Tensor w_idx = w.index_select(0, idx).to(acc);  // [V, D], as eager's w[idx]
   at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
-  at::Tensor grad_w_rows = need_grad_w ? at::zeros({V, D}, X.options()) : at::empty({0}, X.options());
+  // written by the first row block's matmul (beta = 0), accumulated by the others
+  at::Tensor grad_w_rows = need_grad_w ? at::empty({V, D}, X.options()) : at::empty({0}, X.options());
   at::Tensor row_loss = at::empty({B}, X.options());
   at::Tensor row_dscale = at::empty({B}, X.options());
   at::Tensor row_max = at::empty({B}, X.options());
@@ -252,15 +260,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
       // G = (P - Y) w[idx] [nb, D], computed into grad_x's rows when those are wanted
       at::Tensor g = need_grad_x ? grad_x.narrow(0, b0, nb) : at::empty({nb, D}, X.options());
       at::mm_out(g, block, w_idx);
-      if (need_grad_scale) {
-        AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_row_dots", [&] {
-          row_dots<scalar_t>(g.data_ptr<scalar_t>(), x_block.data_ptr<scalar_t>(),
-                             row_dscale.data_ptr<scalar_t>() + b0, nb, D);
-        });
-      }
-      if (need_grad_x) g.mul_(coef);
+      AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_finish_grad_rows", [&] {
+        finish_grad_rows<scalar_t>(g.data_ptr<scalar_t>(), x_block.data_ptr<scalar_t>(),
+                                   need_grad_scale ? row_dscale.data_ptr<scalar_t>() + b0 : nullptr, nb, D,
+                                   static_cast<scalar_t>(coef));
+      });
     }
-    if (need_grad_w) grad_w_rows.addmm_(block.t(), x_block, 1.0, coef);  // fixed order over row blocks
+    if (need_grad_w) {  // fixed order over row blocks; the first block overwrites (beta = 0: no zero fill)
+      grad_w_rows.addmm_(block.t(), x_block, b0 == 0 ? 0.0 : 1.0, coef);
+    }
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
@@ -286,7 +294,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& idx, const
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t* rows_at = id.data_ptr<int64_t>();
-    at::parallel_for(0, V, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, V, row_grain(D), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         TORCH_CHECK_VALUE(rows_at[i] >= 0 && rows_at[i] < num_rows, "proto_ce: scatter_rows index out of range");
         for (int64_t d = 0; d < D; ++d) dst[rows_at[i] * D + d] = in[i * D + d] * f;

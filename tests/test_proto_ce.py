@@ -135,6 +135,18 @@ def test_kernel_path_used(reduction, expected):
     assert expected in type(loss.grad_fn).__name__ or expected in type(loss.grad_fn.next_functions[0][0]).__name__
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retain_graph(reduction):
+    """Saved tensors are not modified by a backward pass: a second one adds the same gradients again."""
+    x, w, idx, labels, s = (t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(**SMALL))
+    loss = proto_cross_entropy(x, w, idx, labels, s, reduction=reduction).sum()
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in (x, w, s)]
+    loss.backward()
+    for t, g in zip((x, w, s), once):
+        assert torch.allclose(t.grad, 2 * g, rtol=1e-6, atol=0)
+
+
 def test_hand_made_case():
     """Two prototypes, one sample: loss = log(1 + exp(s * (x.w1 - x.w0))) for label idx[0]."""
     x = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
