@@ -335,11 +335,13 @@ section_fig8() {
     local D shots t
     text_tower
     incaps
+    for shots in 1 0; do  # (the runs without prerequisites first: they need not wait for the text tower)
+        exp "sl_tail$shots" sl_tail.py "${D[@]}" --trim-tail "$TRIM" --tail-shots "$shots" "${SL[@]}" --voc 0
+    done
     for shots in 1 0; do
         t=(--trim-tail "$TRIM" --tail-shots "$shots")
         REQUIRES=$TEXT_NEEDS exp "clip-frozen_tail$shots" clip_tail.py "${D[@]}" "${t[@]}" "${CLIP[@]}" \
             --text-init "$TEXT_INIT" --lock-text
-        exp "sl_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0
         REQUIRES=$HEAD_NEEDS exp "sl-frozen_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc 0 \
             --head frozen --head-file "$HEAD"
         REQUIRES=$HEAD_NEEDS exp "sl-frozen-voc_tail$shots" sl_tail.py "${D[@]}" "${t[@]}" "${SL[@]}" --voc "$TAIL_VOC" \
@@ -375,13 +377,13 @@ section_fig10() {
     done
 }
 
+wanted=" ${ONLY[*]+"${ONLY[*]}"} "
+wanted=${wanted// fig9 / fig8 }
+selected() { ((${#ONLY[@]} == 0)) || [[ $wanted == *" $1 "* ]]; }
+# quick/smoke: the stand-in pre-trained text tower goes first, so the runs that need it never wait for it
+if [[ $MODE != paper ]] && { selected fig5 || selected fig8; }; then text_tower; fi
 for SECTION in "${SECTIONS[@]}"; do
-    if ((${#ONLY[@]})); then
-        wanted=" ${ONLY[*]} "
-        wanted=${wanted// fig9 / fig8 }
-        [[ $wanted == *" $SECTION "* ]] || continue
-    fi
-    "section_$SECTION"
+    selected "$SECTION" && "section_$SECTION"
 done
 REPORT_CMD=$(quote "$PY" report.py --runs "$OUT" --out "$REPORT_DIR")
 
