@@ -24,12 +24,12 @@
 // summed over its rows, per idx column, come out for the centre update (DINO's centre is an EMA of their
 // batch mean).
 //
-// V is processed in chunks of Vc columns: gather the chunk's prototype rows, one BLAS matmul per logit
-// block ([rows, Vc], sized to stay in cache), a fused loop per row for the softmax arithmetic. [rows, K]
-// and [rows, V] are never materialised. No atomics, fixed reduction orders: deterministic for a fixed
-// number of threads.
+// CPU kernels: V is processed in chunks of Vc columns: gather the chunk's prototype rows, one BLAS matmul
+// per logit block ([rows, Vc], sized to stay in cache), ATen's vectorised elementwise ops in place on the
+// block for the softmax arithmetic. [rows, K] and [rows, V] are never materialised. No atomics, fixed
+// reduction orders: deterministic for a fixed number of threads. (The CUDA kernels, dino_ce_cuda.cu, follow
+// the same plan with custom row kernels.)
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -172,90 +172,15 @@ using namespace dino;
 // Working-set budget of the [rows, Vc] logit chunks (student and teacher together).
 constexpr int64_t kCpuChunkBytes = 1024 * 1024;
 
-// Per student row: fold logits/tau_s of the chunk into the running (max, sum of exp).
-template <typename acc_t>
-void student_online_lse(const at::Tensor& logits, double inv_tau, at::Tensor& run_max, at::Tensor& run_sum) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
-  const acc_t* z = logits.data_ptr<acc_t>();
-  acc_t* rmax = run_max.data_ptr<acc_t>();
-  acc_t* rsum = run_sum.data_ptr<acc_t>();
-  const acc_t a = static_cast<acc_t>(inv_tau);
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const acc_t* x = z + r * cols;
-      acc_t m = rmax[r];
-      for (int64_t j = 0; j < cols; ++j) m = std::max<acc_t>(m, x[j] * a);
-      acc_t sum = rsum[r] * std::exp(rmax[r] - m);  // exp(-inf) = 0 on the first chunk
-      for (int64_t j = 0; j < cols; ++j) sum += std::exp(x[j] * a - m);
-      rmax[r] = m;
-      rsum[r] = sum;
-    }
-  });
-}
-
-// Per teacher row: z = (t - centre)/tau_t, folded into the running (max, sum of exp); the chunk is
-// overwritten with exp(z - new max) and `rescale` gets exp(old max - new max) for the running U row.
-template <typename acc_t>
-void teacher_online_softmax(at::Tensor& logits, const at::Tensor& center, double inv_tau, at::Tensor& run_max,
-                            at::Tensor& run_sum, at::Tensor& rescale) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
-  acc_t* z = logits.data_ptr<acc_t>();
-  const acc_t* c = center.data_ptr<acc_t>();
-  acc_t* rmax = run_max.data_ptr<acc_t>();
-  acc_t* rsum = run_sum.data_ptr<acc_t>();
-  acc_t* scale = rescale.data_ptr<acc_t>();
-  const acc_t a = static_cast<acc_t>(inv_tau);
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t* x = z + r * cols;
-      acc_t m = rmax[r];
-      for (int64_t j = 0; j < cols; ++j) {
-        x[j] = (x[j] - c[j]) * a;
-        m = std::max<acc_t>(m, x[j]);
-      }
-      const acc_t s = std::exp(rmax[r] - m);
-      acc_t sum = rsum[r] * s;
-      for (int64_t j = 0; j < cols; ++j) {
-        x[j] = std::exp(x[j] - m);
-        sum += x[j];
-      }
-      rmax[r] = m;
-      rsum[r] = sum;
-      scale[r] = s;
-    }
-  });
-}
-
-// out[j] = sum_r x[r, j], rows in ascending order, parallel over columns.
-template <typename acc_t>
-void column_sums(const at::Tensor& x, acc_t* out) {
-  const int64_t rows = x.size(0), cols = x.size(1);
-  const acc_t* z = x.data_ptr<acc_t>();
-  at::parallel_for(0, cols, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t j = c0; j < c1; ++j) out[j] = 0;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = c0; j < c1; ++j) out[j] += z[r * cols + j];
-  });
-}
-
-// In place: x = exp((x - centre) * inv_tau - lse_r), the probabilities of a chunk (centre may be undefined).
-template <typename acc_t>
-void probabilities(at::Tensor& logits, const at::Tensor& center, double inv_tau, const at::Tensor& lse) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
-  acc_t* z = logits.data_ptr<acc_t>();
-  const acc_t* c = center.defined() ? center.data_ptr<acc_t>() : nullptr;
-  const acc_t* l = lse.data_ptr<acc_t>();
-  const acc_t a = static_cast<acc_t>(inv_tau);
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t* x = z + r * cols;
-      if (c) {
-        for (int64_t j = 0; j < cols; ++j) x[j] = std::exp((x[j] - c[j]) * a - l[r]);
-      } else {
-        for (int64_t j = 0; j < cols; ++j) x[j] = std::exp(x[j] * a - l[r]);
-      }
-    }
-  });
+// Fold a chunk of scaled logits z [rows, n] (overwritten with exp(z - new max)) into each row's running
+// (max, sum of exp); returns exp(old max - new max), the factor a running sum over the row must be scaled by.
+at::Tensor online_softmax_update(at::Tensor& z, at::Tensor& run_max, at::Tensor& run_sum) {
+  const at::Tensor new_max = at::maximum(run_max, std::get<0>(z.max(1)));
+  const at::Tensor rescale = (run_max - new_max).exp_();  // exp(-inf) = 0 on the first chunk
+  z.sub_(new_max.unsqueeze(1)).exp_();                    // ATen's vectorised exp
+  run_sum.mul_(rescale).add_(z.sum(1));
+  run_max.copy_(new_max);
+  return rescale;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forward_cpu(
@@ -272,7 +197,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forw
   const double inf = std::numeric_limits<double>::infinity();
   at::Tensor max_s = at::full({rows_s}, -inf, opts), sum_s = at::zeros({rows_s}, opts);
   at::Tensor max_t = at::full({rows_t}, -inf, opts), sum_t = at::zeros({rows_t}, opts);
-  at::Tensor rescale = at::empty({rows_t}, opts);
   at::Tensor U = at::zeros({rows_t, D}, opts);
   at::Tensor colsum = at::empty({V}, opts);
   for (int64_t c0 = 0; c0 < V; c0 += Vc) {
@@ -281,13 +205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_forw
     const at::Tensor ws_chunk = w_student.index_select(0, idx_chunk).to(acc);  // [n, D]
     const at::Tensor wt_chunk = w_teacher.index_select(0, idx_chunk).to(acc);
     const at::Tensor c_chunk = center.index_select(0, idx_chunk).to(acc);
-    const at::Tensor logits_s = at::mm(S, ws_chunk.t());  // [rows_s, n]
-    at::Tensor logits_t = at::mm(T, wt_chunk.t());         // [rows_t, n]
-    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_dino_forward", [&] {
-      column_sums<scalar_t>(logits_t, colsum.data_ptr<scalar_t>() + c0);
-      student_online_lse<scalar_t>(logits_s, 1.0 / tau_s, max_s, sum_s);
-      teacher_online_softmax<scalar_t>(logits_t, c_chunk, 1.0 / tau_t, max_t, sum_t, rescale);
-    });
+    at::Tensor logits_s = at::mm(S, ws_chunk.t());  // [rows_s, n]
+    at::Tensor logits_t = at::mm(T, wt_chunk.t());  // [rows_t, n]
+    colsum.narrow(0, c0, n).copy_(logits_t.sum(0));  // raw teacher logits, for the centre
+    logits_s.mul_(1.0 / tau_s);
+    online_softmax_update(logits_s, max_s, sum_s);
+    logits_t.sub_(c_chunk).mul_(1.0 / tau_t);
+    const at::Tensor rescale = online_softmax_update(logits_t, max_t, sum_t);
     U.mul_(rescale.unsqueeze(1)).addmm_(logits_t, ws_chunk);  // U_g += sum_j exp(z_gj - max_g) Ws[idx_j]
   }
   U.div_(sum_t.unsqueeze(1));  // now U_g = sum_j p_gj Ws[idx_j]
@@ -328,16 +252,14 @@ std::tuple<at::Tensor, at::Tensor> dino_backward_cpu(
     const int64_t n = std::min(Vc, V - c0);
     const at::Tensor idx_chunk = idx.narrow(0, c0, n);
     const at::Tensor ws_chunk = w_student.index_select(0, idx_chunk).to(acc);
-    at::Tensor p_s = at::mm(S, ws_chunk.t());  // student probabilities, recomputed from the saved lse
-    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_dino_backward_student",
-                               [&] { probabilities<scalar_t>(p_s, at::Tensor(), 1.0 / tau_s, lse_s); });
+    // student probabilities, recomputed from the saved log-sum-exp
+    const at::Tensor p_s = at::mm(S, ws_chunk.t()).mul_(1.0 / tau_s).sub_(lse_s.unsqueeze(1)).exp_();
     if (need_grad_student) Q.addmm_(p_s, ws_chunk);
     if (need_grad_w) {
       const at::Tensor wt_chunk = w_teacher.index_select(0, idx_chunk).to(acc);
       const at::Tensor c_chunk = center.index_select(0, idx_chunk).to(acc);
-      at::Tensor p_t = at::mm(T, wt_chunk.t());  // teacher probabilities
-      AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_dino_backward_teacher",
-                                 [&] { probabilities<scalar_t>(p_t, c_chunk, 1.0 / tau_t, lse_t); });
+      const at::Tensor p_t =  // teacher probabilities
+          at::mm(T, wt_chunk.t()).sub_(c_chunk).mul_(1.0 / tau_t).sub_(lse_t.unsqueeze(1)).exp_();
       at::Tensor gw = grad_w_idx.narrow(0, c0, n);
       at::mm_out(gw, p_s.t(), S_weighted);
       gw.addmm_(p_t.t(), A, 1, -1);
