@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything this project checks on a CUDA GPU, in one short run (a rented GPU's time is scarce):
+# build the extension with its CUDA kernels, run the CUDA tests, benchmark both fused ops against eager
+# PyTorch and torch.compile, and train each script for a few steps with --amp on the GPU.
+#
+#   bash benchmarks/gpu_check.sh [LOG_DIR]        # logs (and a summary) go to LOG_DIR, default gpu-logs/
+#
+# Needs torch with CUDA, nvcc, ninja, pytest; open_clip (and ftfy) only for the script smoke runs.
+set -u
+log_dir="${1:-gpu-logs}"
+mkdir -p "$log_dir"
+export PYTHONUNBUFFERED=1 PROTO_CE_BACKEND=extension MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+status=0
+step() {  # step NAME COMMAND...: run, tee to LOG_DIR/NAME.log, record the outcome
+    local name=$1; shift
+    local start=$SECONDS
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$log_dir/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc, $((SECONDS - start)) s" | tee -a "$log_dir/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+step env bash -c 'nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nvcc --version | tail -1'
+step build python3 -c "import time, proto_ce; t = time.time(); print(proto_ce.backend('cuda'), proto_ce.backend('cpu'))"
+step tests python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_proto_ce.py tests/test_dino_op.py tests/test_metrics.py
+step bench_sl_fp32 python3 benchmarks/bench_proto_ce.py --device cuda --dtype fp32 --shapes sl,dino
+step bench_sl_bf16 python3 benchmarks/bench_proto_ce.py --device cuda --dtype bf16 --shapes sl,dino
+step bench_dino_fp32 python3 benchmarks/bench_dino_op.py --device cuda --dtype fp32
+step bench_dino_bf16 python3 benchmarks/bench_dino_op.py --device cuda --dtype bf16
+if python3 -c "import open_clip" 2>/dev/null; then
+    tiny="--num-train 2000 --num-test-per-class 10 --cache-dir /tmp/cbt-cache --epochs 1 --amp --device cuda"
+    step sl_amp python3 sl_tail.py --out /tmp/gpu-runs/sl $tiny --voc 20
+    step clip_amp python3 clip_tail.py --out /tmp/gpu-runs/clip $tiny
+    step dino_amp python3 dino_tail.py --out /tmp/gpu-runs/dino $tiny --voc 1024
+else
+    echo "open_clip not importable: script smoke runs skipped" | tee -a "$log_dir/summary.txt"
+fi
+cat "$log_dir/summary.txt"
+exit $status
