@@ -176,8 +176,8 @@ def build_model(args, device):
     if args.text_init:
         if os.path.isfile(args.text_init):
             path = args.text_init
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            quick_gelu = bool(saved.get("quick_gelu", False)) if isinstance(saved, dict) else False
+            saved = {} if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+            quick_gelu = isinstance(saved, dict) and bool(saved.get("quick_gelu", False))  # ours record it
         else:
             name, _, tag = args.text_init.rpartition(":")
             name = name or args.model
