@@ -20,6 +20,10 @@ tensor (already exp'd / clamped by the caller). Gradients flow to x, to the idx 
 get exactly zero) and to logit_scale. The loss is returned in float32 for float32/float16/bfloat16 inputs
 and in float64 for float64 inputs. Bad input raises a one-line ValueError naming the problem.
 
+The module also carries the soft-target op of DINO with prototype subsampling (Sec. 4.2), issue 8:
+dino_proto_loss / reference_dino_proto_loss (section "DINO soft-target loss" below; kernels
+csrc/dino_ce_cpu.cpp and csrc/dino_ce_cuda.cu, same loader, same backends).
+
 Backends, chosen once at import:
   1. a prebuilt extension `_proto_ce_ext` (``pip install --no-build-isolation .`` or
      ``python setup.py build_ext --inplace``), if it was built from the current csrc/ sources and, where a
@@ -56,7 +60,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["proto_cross_entropy", "reference_proto_cross_entropy", "backend"]
+__all__ = ["proto_cross_entropy", "reference_proto_cross_entropy", "backend", "dino_proto_loss",
+           "reference_dino_proto_loss"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(_HERE, "csrc")
@@ -273,6 +278,186 @@ def _register_python_side():
 
 
 # ---------------------------------------------------------------------------------------------------
+# DINO soft-target loss over a prototype subset (issue 8; Sec. 4.2 prototype subsampling)
+# ---------------------------------------------------------------------------------------------------
+# DINO scores l2-normalised embeddings against K weight-normalised prototypes; Sec. 4.2 draws a uniform
+# subset idx [V] of them each iteration, the same for teacher and student. The fused op computes DINO's
+# loss over those V columns without building [rows, K] (the CUDA kernels not [rows, V] either): per student
+# row one online log-sum-exp over V, plus the dot of its logits with the mixture of its paired teachers'
+# probabilities, which is S_r . (sum_g U_g) with U_g = sum_j p_gj w_student[idx_j] (csrc/dino_ce_cpu.cpp
+# derives it). Kernels: csrc/dino_ce_cpu.cpp, csrc/dino_ce_cuda.cu.
+
+def dino_proto_loss(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, n_crops):
+    """DINO's self-distillation loss over the prototype columns idx, and the teacher's logit column sums.
+
+    student [n_crops*B, D]: embeddings of every crop, crop-major (row c*B+b = crop c of image b; the first
+    n_global crops are the global ones); teacher [n_global*B, D]: embeddings of the global crops, same
+    order; w_student, w_teacher [K, D]: prototypes (l2-normalised by the caller, as DINO's weight-normalised
+    last layer); idx [V] int64 sorted unique; center [K] (only center[idx] is read); tau_s, tau_t > 0;
+    n_global, n_crops ints. With s = student @ w_student[idx].T / tau_s and
+    p = softmax((teacher @ w_teacher[idx].T - center[idx]) / tau_t), the loss is the mean over images and
+    over the (student crop v, teacher global crop g != v) pairs of -sum_j p[g, j] log_softmax(s[v])_j --
+    facebookresearch/dino's DINOLoss on those V columns.
+
+    Returns (loss 0-d, teacher_logit_colsum [V]): the second is sum over teacher rows of the raw logits
+    teacher @ w_teacher[idx].T, for DINO's centre update (an EMA of their batch mean; with subsampling only
+    center[idx] moves). Both in float32 (float64 for float64 inputs). Gradients flow to student and to the
+    idx rows of w_student (other rows get exactly zero); the teacher side (teacher, w_teacher, center) gets
+    none, as DINO stops it. Bad input raises a one-line ValueError.
+    """
+    _check_dino_inputs(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, n_crops)
+    if student.device.type not in _DINO_KERNELS:
+        _check_dino_idx(idx, w_student.shape[0])
+        return reference_dino_loss_eager(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t,
+                                         n_global, n_crops)
+    loss, colsum, _, _, _ = torch.ops.proto_ce.dino_forward(student, teacher.detach(), w_student,
+                                                            w_teacher.detach(), idx, center.detach(),
+                                                            float(tau_s), float(tau_t), int(n_global))
+    return loss, colsum.detach()
+
+
+def reference_dino_proto_loss(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global,
+                              n_crops):
+    """The same in plain PyTorch (materialises [rows, V]); the tests' second oracle and the fallback."""
+    _check_dino_inputs(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, n_crops)
+    _check_dino_idx(idx, w_student.shape[0])
+    return reference_dino_loss_eager(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global,
+                                     n_crops)
+
+
+def reference_dino_loss_eager(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global,
+                              n_crops):
+    """The eager computation itself, without input checks: matmuls in the input dtype, softmax and
+    cross-entropy in float32 (float64 for float64 inputs), as under autocast. The benchmark's baseline."""
+    acc = _acc_dtype(student.dtype)
+    log_p = F.log_softmax((student @ w_student.index_select(0, idx).T).to(acc) / tau_s, dim=-1)
+    with torch.no_grad():
+        t = (teacher @ w_teacher.index_select(0, idx).T).to(acc)
+        p = F.softmax((t - center.index_select(0, idx).to(acc)) / tau_t, dim=-1)
+    B = teacher.shape[0] // n_global
+    total = 0
+    for g in range(n_global):
+        for v in range(n_crops):
+            if v != g:
+                total = total - (p[g * B:(g + 1) * B] * log_p[v * B:(v + 1) * B]).sum(-1).mean()
+    return total / (n_global * n_crops - n_global), t.sum(0)
+
+
+def _check_dino_inputs(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, n_crops):
+    """Shapes, dtypes, devices and the scalar arguments: no data-dependent branch, so torch.compile can trace
+    through it; the values of idx are checked by the op (or by _check_dino_idx on the reference path)."""
+    names = ("student", "teacher", "w_student", "w_teacher", "idx", "center")
+    tensors = (student, teacher, w_student, w_teacher, idx, center)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"proto_ce: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in zip(names[:4], tensors[:4]):
+        if t.dim() != 2:
+            raise ValueError(f"proto_ce: {name} must be 2-d, got shape {tuple(t.shape)}")
+    if student.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"proto_ce: student must be float16/bfloat16/float32/float64, got {student.dtype}")
+    for name, t in zip(names[1:4] + ("center",), (teacher, w_student, w_teacher, center)):
+        if t.dtype != student.dtype:
+            raise ValueError(f"proto_ce: {name} is {t.dtype} but student is {student.dtype}; cast them to one dtype")
+    K, D = w_student.shape
+    if tuple(w_teacher.shape) != (K, D):
+        raise ValueError(f"proto_ce: w_teacher has shape {tuple(w_teacher.shape)} but w_student has {(K, D)}")
+    if student.shape[1] != D or teacher.shape[1] != D:
+        raise ValueError(f"proto_ce: student and teacher have D={student.shape[1]} and D={teacher.shape[1]}, "
+                         f"the prototypes D={D}")
+    if D == 0:
+        raise ValueError("proto_ce: the embeddings have no features (D == 0)")
+    if center.dim() != 1 or center.shape[0] != K:
+        raise ValueError(f"proto_ce: center has shape {tuple(center.shape)}, expected [K] = [{K}]")
+    if idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"proto_ce: idx must be a 1-d int64 tensor, got {idx.dim()}-d {idx.dtype}")
+    if any(t.device != student.device for t in tensors):
+        where = ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors))
+        raise ValueError(f"proto_ce: all inputs must be on one device, got {where}")
+    for name, value in (("tau_s", tau_s), ("tau_t", tau_t)):
+        if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)) or not value > 0 \
+                or value == float("inf"):
+            raise ValueError(f"proto_ce: {name} must be a positive finite number, got {value!r}")
+    for name, value in (("n_global", n_global), ("n_crops", n_crops)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"proto_ce: {name} must be a positive int, got {value!r}")
+    if n_crops < n_global:
+        raise ValueError(f"proto_ce: n_crops={n_crops} < n_global={n_global}; the student sees every crop, the "
+                         "global ones included")
+    if n_crops == n_global == 1:
+        raise ValueError("proto_ce: n_global = n_crops = 1 leaves no (student, teacher) pair of different views")
+    if teacher.shape[0] == 0 or student.shape[0] == 0:
+        raise ValueError("proto_ce: empty batch (no teacher or student rows)")
+    if teacher.shape[0] % n_global:
+        raise ValueError(f"proto_ce: teacher has {teacher.shape[0]} rows, not a multiple of n_global={n_global}")
+    B = teacher.shape[0] // n_global
+    if student.shape[0] != n_crops * B:
+        raise ValueError(f"proto_ce: student has {student.shape[0]} rows, expected n_crops*B = {n_crops}*{B} = "
+                         f"{n_crops * B} (B = teacher rows / n_global)")
+
+
+def _check_dino_idx(idx, num_prototypes):
+    """The values of idx (range, sorted, unique), as the C++ op checks them (csrc/dino_ce_cpu.cpp check_idx)."""
+    if idx.shape[0] == 0:
+        raise ValueError("proto_ce: idx is empty (V == 0); sample at least one prototype")
+    bad = (idx < 0) | (idx >= num_prototypes)
+    if bool(bad.any()):
+        raise ValueError(f"proto_ce: idx contains prototype id {int(idx[bad][0])} outside [0, {num_prototypes}) "
+                         f"(the prototypes have {num_prototypes} rows)")
+    step = idx[1:] - idx[:-1]
+    if bool((step == 0).any()):
+        i = int((step == 0).nonzero()[0]) + 1
+        raise ValueError(f"proto_ce: idx contains duplicate prototype id {int(idx[i])} (idx must be sorted and unique)")
+    if bool((step < 0).any()):
+        i = int((step < 0).nonzero()[0]) + 1
+        raise ValueError(f"proto_ce: idx is not sorted (idx[{i - 1}]={int(idx[i - 1])} > idx[{i}]={int(idx[i])}); "
+                         "use torch.sort or torch.unique")
+
+
+_DINO_KERNELS = set()  # device types with compiled dino_forward kernels (filled at import by the loader)
+
+
+def _register_dino_python_side():
+    """Fake kernels and autograd of dino_forward / dino_backward; called by _initialise once csrc/ is loaded."""
+    for device in ("cpu", "cuda"):
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key("proto_ce::dino_forward", device.upper()):
+                _DINO_KERNELS.add(device)
+        except RuntimeError:  # a library built without csrc/dino_ce_*: the reference serves dino_proto_loss
+            return
+    @torch.library.register_fake("proto_ce::dino_forward")
+    def _dino_forward_fake(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global):
+        acc = _acc_dtype(student.dtype)
+        new = lambda *shape: student.new_empty(shape, dtype=acc)
+        return (new(), new(idx.shape[0]), new(student.shape[0]), new(teacher.shape[0]),
+                new(teacher.shape[0], student.shape[1]))
+
+    @torch.library.register_fake("proto_ce::dino_backward")
+    def _dino_backward_fake(grad_loss, student, teacher, w_student, w_teacher, idx, center, lse_student,
+                            lse_teacher, u, tau_s, tau_t, n_global, need_student, need_w):
+        return (student.new_empty(student.shape) if need_student else student.new_empty((0,)),
+                w_student.new_empty(w_student.shape) if need_w else w_student.new_empty((0,)))
+
+    def setup_context(ctx, inputs, output):
+        student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global = inputs
+        _, colsum, lse_student, lse_teacher, u = output
+        ctx.save_for_backward(student, teacher, w_student, w_teacher, idx, center, lse_student, lse_teacher, u)
+        ctx.constants = (tau_s, tau_t, n_global)
+        ctx.mark_non_differentiable(colsum, lse_student, lse_teacher, u)
+
+    def backward(ctx, grad_loss, *_unused):
+        student, teacher, w_student, w_teacher, idx, center, lse_student, lse_teacher, u = ctx.saved_tensors
+        need_student, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_student, grad_w = torch.ops.proto_ce.dino_backward(
+            grad_loss, student, teacher, w_student, w_teacher, idx, center, lse_student, lse_teacher, u,
+            *ctx.constants, need_student, need_w)
+        return (grad_student if need_student else None, None, grad_w if need_w else None,
+                None, None, None, None, None, None)
+
+    torch.library.register_autograd("proto_ce::dino_forward", backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loader: prebuilt extension -> cached JIT build -> reference
 # ---------------------------------------------------------------------------------------------------
 
@@ -450,6 +635,7 @@ def _initialise():
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"proto_ce::{op}", device.upper()))
     _LOADED.has_cuda = ("cuda", "xent_forward") in _LOADED.kernels
     _register_python_side()
+    _register_dino_python_side()
     if torch.cuda.is_available() and not _LOADED.has_cuda:
         warnings.warn(f"proto_ce: the extension loaded from {_LOADED.where} has no CUDA kernels (nvcc not found "
                       "or the CUDA build failed); CUDA tensors use the pure-PyTorch reference",

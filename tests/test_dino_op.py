@@ -252,10 +252,13 @@ def test_device_mismatch_is_rejected():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-4, 1e-5), (torch.float64, 1e-10, 1e-12),
-                                             (torch.bfloat16, 2e-2, 2e-3), (torch.float16, 5e-3, 5e-4)])
+                                             (torch.bfloat16, 2e-2, 1e-2), (torch.float16, 5e-3, 2e-3)])
 @pytest.mark.parametrize("shape", [dict(B=5, D=13, K=50, V=17), dict(B=64, D=256, K=8192, V=4099)])
 def test_cuda_matches_float64_oracle(shape, dtype, rtol, atol):
-    """CUDA op on fp32/fp64/bf16/fp16 inputs vs the float64 oracle on the same (rounded) inputs."""
+    """CUDA op on fp32/fp64/bf16/fp16 inputs vs the float64 oracle on the same (rounded) inputs, errors relative
+    to each output's largest entry. For fp16/bf16 the kernels cast probabilities to the input dtype for the
+    gradient GEMMs (fp32 accumulation); a CPU emulation of exactly that arithmetic gave normalised errors up
+    to 1.8e-3 (bf16) and 2.7e-4 (fp16) on these shapes, hence the tolerances."""
     assert proto_ce.backend("cuda") == "extension-cuda"
     inp = make_inputs(**shape, n_global=2, n_local=4, dtype=dtype, device="cuda")
     got = loss_and_grads(proto_ce.dino_proto_loss, inp)
@@ -308,3 +311,18 @@ def test_cuda_many_chunks_subprocess():
             "[torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11) for a, b in zip(got[:4], want[:4])]")
     env = dict(os.environ, PROTO_CE_CHUNK_COLS="100")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+
+
+@pytest.mark.cuda
+def test_cuda_never_holds_rows_by_v():
+    """fwd+bwd at 1280 student rows x V = 65536: the peak extra GPU memory stays far below one fp32
+    [rows, V] block (335 MB), which an implementation materialising the logits could not do."""
+    inp = make_inputs(B=128, D=64, K=65536, V=65536, n_global=2, n_local=8, dtype=torch.float32, device="cuda")
+    rows_by_v = inp["student"].shape[0] * 65536 * 4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss_and_grads(proto_ce.dino_proto_loss, inp)
+    torch.cuda.synchronize()
+    peak_extra = torch.cuda.max_memory_allocated() - base
+    assert peak_extra < rows_by_v / 3, f"peak extra {peak_extra / 2**20:.0f} MiB vs [rows, V] {rows_by_v / 2**20:.0f} MiB"
