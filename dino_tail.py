@@ -149,10 +149,25 @@ def parse_args(argv=None):
         raise ValueError("--lr, --student-temp and --teacher-temp must be positive")
     if not 0 <= args.teacher_momentum <= 1 or not 0 <= args.center_momentum <= 1:
         raise ValueError("--teacher-momentum and --center-momentum must lie in [0, 1]")
+    transfer_tasks(args)  # validates --transfer
     if args.global_size % 32 or args.local_size % 32:
         raise ValueError(f"crop sizes must be multiples of 32 (the ResNet's stride), got {args.global_size} "
                          f"and {args.local_size}")
     return args
+
+
+def transfer_tasks(args):
+    """The --transfer list: synthetic-world tasks (novel, seen) with --data synthetic, real sets otherwise."""
+    synthetic = args.data == "synthetic"
+    text = args.transfer or ("novel,seen" if synthetic else "none")
+    tasks = [] if text == "none" else [t.strip() for t in text.split(",") if t.strip()]
+    for task in tasks:
+        if synthetic and task not in ("novel", "seen"):
+            raise ValueError(f"--transfer {task}: a real data set needs --data other than synthetic (the synthetic "
+                             "world's tasks are novel and seen)")
+        if not synthetic and task in ("novel", "seen"):
+            raise ValueError(f"--transfer {task}: a synthetic-world task needs --data synthetic")
+    return tasks
 
 
 # ---- Model: CLIP's ModifiedResNet + DINO head -----------------------------------------------------------
@@ -681,12 +696,7 @@ def main(argv=None):
     if args.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
     synthetic = args.data == "synthetic"
-    tasks = args.transfer or ("novel,seen" if synthetic else "none")
-    tasks = [] if tasks == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
-    for task in tasks:
-        if synthetic != (task in ("novel", "seen")):
-            raise ValueError(f"--transfer {task}: 'novel'/'seen' are synthetic-world tasks; real data sets need "
-                             "--data other than synthetic" if synthetic else f"--transfer {task} needs --data synthetic")
+    tasks = transfer_tasks(args)
     multi_crop = MultiCropTransform(args.global_scale, args.local_scale, args.local_crops, args.global_size,
                                     args.local_size)
     if synthetic:
