@@ -229,9 +229,12 @@ def _register_python_side():
         _, lse = output
         ctx.save_for_backward(x, w, idx, target_pos, scale, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse output
 
     def backward(ctx, grad_loss, _grad_lse):
         x, w, idx, target_pos, scale, lse = ctx.saved_tensors
+        if grad_loss is None:  # (grads are not materialised) only lse was used: no gradient
+            return None, None, None, None, None
         need_x, need_w, _, _, need_scale = ctx.needs_input_grad
         grad_x, grad_w, grad_scale = torch.ops.proto_ce.xent_backward(
             grad_loss, x, w, idx, target_pos, scale, lse, need_x, need_w, need_scale)
@@ -256,18 +259,23 @@ def _register_python_side():
         x, w, idx, _, scale, _, need_x, need_w, need_scale = inputs
         _, grad_x, grad_w_rows, grad_scale = output
         ctx.mark_non_differentiable(grad_x, grad_w_rows, grad_scale)
+        ctx.set_materialize_grads(False)  # autograd would otherwise zero-fill [B, D] and [V, D] gradients for them
         ctx.save_for_backward(idx, grad_x, grad_w_rows, grad_scale)
         ctx.computed = (need_x, need_w, need_scale)
         ctx.dtypes = (x.dtype, w.dtype, scale.dtype)
         ctx.w_shape = w.shape
 
     def fused_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:
+            return (None,) * 9
         idx, grad_x, grad_w_rows, grad_scale = ctx.saved_tensors
         want_x, want_w, _, _, want_scale = ctx.needs_input_grad[:5]
         if (want_x and not ctx.computed[0]) or (want_w and not ctx.computed[1]) or (want_scale and not ctx.computed[2]):
             raise RuntimeError("proto_ce: xent_fused was called without computing a gradient that autograd needs")
         x_dtype, w_dtype, scale_dtype = ctx.dtypes
-        out_x = (grad_x * grad_loss).to(x_dtype) if want_x else None
+        out_x = None
+        if want_x:  # the common loss.backward() passes exactly 1: hand over the saved gradient, no copy
+            out_x = grad_x if _is_plain_cpu_one(grad_loss) and grad_x.dtype == x_dtype else (grad_x * grad_loss).to(x_dtype)
         out_w = None
         if want_w:  # rows outside idx: exactly zero
             out_w = torch.ops.proto_ce.scatter_rows(grad_w_rows, idx, grad_loss, ctx.w_shape[0], w_dtype)
@@ -455,6 +463,12 @@ def _register_dino_python_side():
                 None, None, None, None, None, None)
 
     torch.library.register_autograd("proto_ce::dino_forward", backward, setup_context=setup_context)
+
+
+def _is_plain_cpu_one(t):
+    """True for an ordinary CPU tensor holding exactly 1 (reading it costs nothing there; on a GPU it
+    would synchronise, and under torch.compile tracing the tensor is a fake subclass: both are skipped)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1 and bool(t == 1)
 
 
 # ---------------------------------------------------------------------------------------------------

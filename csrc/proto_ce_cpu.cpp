@@ -198,27 +198,10 @@ void finish_rows(acc_t* e, const acc_t* row_max, const acc_t* target_logit, cons
   });
 }
 
-// For rows of G = (P - Y) w[idx] and x [nb, D]: dscale[r] = G[r] . x[r] (if wanted), then G[r] *= coef.
-template <typename acc_t>
-void finish_grad_rows(acc_t* g, const acc_t* x, acc_t* dscale, int64_t nb, int64_t D, acc_t coef) {
-  at::parallel_for(0, nb, row_grain(D), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t* gr = g + r * D;
-      if (dscale != nullptr) {
-        const acc_t* xr = x + r * D;
-        acc_t dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += gr[d] * xr[d];
-        dscale[r] = dot;
-      }
-      for (int64_t d = 0; d < D; ++d) gr[d] *= coef;
-    }
-  });
-}
-
 // Loss (mean or sum over rows) and its gradients in one pass: every row block meets all V columns, so
 // its log-sum-exp is exact and softmax - onehot (P - Y) is formed right away, in place of the block's
-// logits. Per block, G = (P - Y) w[idx] gives dx = coef * G and dscale = sum_b x_b . G_b / (row weight)
-// (= sum_v (p - y) x.w, no division by the scale), and dw[idx] += coef * (P - Y)^T x. Three matmuls in
+// logits. Per block, G = (P - Y) w[idx] gives dx = coef * G and dscale += sum_b x_b . G_b
+// (= sum_{b,v} (p - y) x.w, without dividing by a possibly-zero scale), and dw[idx] += coef * (P - Y)^T x. Three matmuls in
 // all, as many as eager's forward + backward; the only [rows, V] buffer is one block.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
@@ -237,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   // written by the first row block's matmul (beta = 0), accumulated by the others
   at::Tensor grad_w_rows = need_grad_w ? at::empty({V, D}, X.options()) : at::empty({0}, X.options());
   at::Tensor row_loss = at::empty({B}, X.options());
-  at::Tensor row_dscale = at::empty({B}, X.options());
+  at::Tensor dscale_sum = at::zeros({}, X.options());  // sum over blocks, in block order
   at::Tensor row_max = at::empty({B}, X.options());
   at::Tensor target_logit = at::empty({B}, X.options());
   const int64_t Bb = chunk_rows(B, V * static_cast<int64_t>(c10::elementSize(acc)), kCpuRowBlockBytes, kCpuMinRows);
@@ -260,18 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
       // G = (P - Y) w[idx] [nb, D], computed into grad_x's rows when those are wanted
       at::Tensor g = need_grad_x ? grad_x.narrow(0, b0, nb) : at::empty({nb, D}, X.options());
       at::mm_out(g, block, w_idx);
-      AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_finish_grad_rows", [&] {
-        finish_grad_rows<scalar_t>(g.data_ptr<scalar_t>(), x_block.data_ptr<scalar_t>(),
-                                   need_grad_scale ? row_dscale.data_ptr<scalar_t>() + b0 : nullptr, nb, D,
-                                   static_cast<scalar_t>(coef));
-      });
+      if (need_grad_scale) dscale_sum.add_(at::dot(g.view(-1), x_block.reshape(-1)));  // sum_b x_b . G_b (BLAS dot)
+      if (need_grad_x) g.mul_(coef);
     }
     if (need_grad_w) {  // fixed order over row blocks; the first block overwrites (beta = 0: no zero fill)
       grad_w_rows.addmm_(block.t(), x_block, b0 == 0 ? 0.0 : 1.0, coef);
     }
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
-  at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
+  at::Tensor grad_scale = need_grad_scale ? dscale_sum.mul_(row_weight) : at::empty({0}, X.options());
   return {loss, grad_x, grad_w_rows, grad_scale};
 }
 

@@ -62,14 +62,10 @@ def outside_idx_rows(grad_w, idx):
     return grad_w[keep]
 
 
-@pytest.fixture
-def chunk_cols(request, monkeypatch):
-    """Forces tiny chunks: PROTO_CE_CHUNK_COLS=n prototype columns per chunk (two-pass kernels) and
-    PROTO_CE_CHUNK_ROWS=n//2+1 rows per block (one-pass fused kernel). None: the kernels' own sizes."""
-    if request.param is not None:
-        monkeypatch.setenv("PROTO_CE_CHUNK_COLS", str(request.param))
-        monkeypatch.setenv("PROTO_CE_CHUNK_ROWS", str(request.param // 2 + 1))
-    return request.param
+def force_small_chunks(monkeypatch, shape):
+    """About 8 column chunks (two-pass kernels) and 3 row blocks (one-pass kernel), ragged at the end."""
+    monkeypatch.setenv("PROTO_CE_CHUNK_COLS", str(max(2, shape["V"] // 8 - 1)))
+    monkeypatch.setenv("PROTO_CE_CHUNK_ROWS", str(max(2, shape["B"] // 3 + 1)))
 
 
 @pytest.fixture
@@ -94,12 +90,14 @@ REDUCTION_PATHS = [("mean", "one-pass"), ("sum", "one-pass"), ("mean", "two-pass
                    ("none", "two-pass")]
 
 
-@pytest.mark.parametrize("chunk_cols", [None, 7], indirect=True, ids=["auto-chunks", "7-col-chunks"])
+@pytest.mark.parametrize("chunks", ["auto-chunks", "small-chunks"])
 @pytest.mark.parametrize("reduction,kernels", REDUCTION_PATHS, indirect=["kernels"],
                          ids=[f"{r}-{k}" for r, k in REDUCTION_PATHS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["7x13x50x17", "130x257x4099x1025"])
-def test_matches_reference(shape, dtype, reduction, kernels, chunk_cols):
+def test_matches_reference(shape, dtype, reduction, kernels, chunks, monkeypatch):
+    if chunks == "small-chunks":
+        force_small_chunks(monkeypatch, shape)
     inputs = make_inputs(**shape, dtype=dtype)
     upstream = None
     if reduction == "none":  # distinct per-sample weights, so per-row gradients are checked too
@@ -183,11 +181,12 @@ def test_zero_scale_gradient_is_finite():
     assert torch.allclose(s.grad, expected, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("chunk_cols", [2], indirect=True)
 @pytest.mark.parametrize("reduction,kernels", [("mean", "one-pass"), ("sum", "two-pass"), ("none", "two-pass")],
                          indirect=["kernels"], ids=["mean-one-pass", "sum-two-pass", "none"])
-def test_gradcheck_float64(reduction, kernels, chunk_cols):
-    x, w, idx, labels, s = make_inputs(B=3, D=4, K=9, V=5, dtype=torch.float64, scale=3.0)
+def test_gradcheck_float64(reduction, kernels, monkeypatch):
+    shape = dict(B=3, D=4, K=9, V=5)
+    force_small_chunks(monkeypatch, shape)  # 2 columns per chunk, 2 rows per block
+    x, w, idx, labels, s = make_inputs(**shape, dtype=torch.float64, scale=3.0)
     x, w, s = x.requires_grad_(), w.requires_grad_(), s.requires_grad_()
 
     def loss(x, w, s):
@@ -218,9 +217,11 @@ def test_opcheck(dtype):
     assert torch.equal(scattered[idx], rows * 0.5) and torch.count_nonzero(outside_idx_rows(scattered, idx)) == 0
 
 
-@pytest.mark.parametrize("chunk_cols", [None, 64], indirect=True, ids=["auto-chunks", "64-col-chunks"])
+@pytest.mark.parametrize("chunks", ["auto-chunks", "small-chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bit_identical_second_run(reduction, chunk_cols):
+def test_bit_identical_second_run(reduction, chunks, monkeypatch):
+    if chunks == "small-chunks":
+        force_small_chunks(monkeypatch, LARGE)
     inputs = make_inputs(**LARGE)
     first = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
     second = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
@@ -407,12 +408,14 @@ CUDA_PATHS = [("mean", "one-pass"), ("mean", "two-pass"), ("none", "two-pass")]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_cols", [None, 100], indirect=True, ids=["auto-chunks", "100-col-chunks"])
+@pytest.mark.parametrize("chunks", ["auto-chunks", "small-chunks"])
 @pytest.mark.parametrize("reduction,kernels", CUDA_PATHS, indirect=["kernels"], ids=[f"{r}-{k}" for r, k in CUDA_PATHS])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=CUDA_IDS)
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["7x13x50x17", "130x257x4099x1025"])
-def test_cuda_matches_reference(shape, dtype, reduction, kernels, chunk_cols):
+def test_cuda_matches_reference(shape, dtype, reduction, kernels, chunks, monkeypatch):
     assert _no_tf32(), "TF32 matmuls are on; these tolerances assume full fp32"
+    if chunks == "small-chunks":
+        force_small_chunks(monkeypatch, shape)
     inputs = make_inputs(**shape, dtype=dtype, device="cuda")
     upstream = None
     if reduction == "none":
@@ -442,10 +445,12 @@ def test_cuda_matches_cpu_extension(dtype, reduction):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_cols", [None, 100], indirect=True, ids=["auto-chunks", "100-col-chunks"])
+@pytest.mark.parametrize("chunks", ["auto-chunks", "small-chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_bit_identical_second_run(dtype, reduction, chunk_cols):
+def test_cuda_bit_identical_second_run(dtype, reduction, chunks, monkeypatch):
+    if chunks == "small-chunks":
+        force_small_chunks(monkeypatch, LARGE)
     inputs = make_inputs(**LARGE, dtype=dtype, device="cuda")
     first = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
     second = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction)
