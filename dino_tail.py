@@ -536,10 +536,11 @@ def select_regularisation(x_train, y_train, x_val, y_val, num_classes, metric, g
 
 
 @contextlib.contextmanager
-def _one_cpu_thread(device):
-    """The probe's CPU tensors are small: one thread avoids OpenMP synchronisation that costs more than it saves."""
+def _one_cpu_thread(task):
+    """Small probe problems on a CPU run single-threaded: OpenMP synchronisation costs more than it saves."""
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    x = task["train"][0]
+    if x.device.type == "cpu" and x.numel() * task["num_classes"] < 2 ** 28:
         torch.set_num_threads(1)
     try:
         yield
@@ -672,14 +673,16 @@ def real_transfer_splits(name, root, transform):
 
 
 def real_transfer_task(name, args, dist, backbone, transform):
+    """A downstream set's features, kept on the run's device (the probe's fits run there)."""
     train, val, test = real_transfer_splits(name, args.transfer_root, transform)
-    x_train, y_train = (t.cpu() for t in extract_features(backbone, train, dist, args.workers))
-    x_test, y_test = (t.cpu() for t in extract_features(backbone, test, dist, args.workers))
+    on_device = lambda tensors: tuple(t.to(dist.device) for t in tensors)
+    x_train, y_train = on_device(extract_features(backbone, train, dist, args.workers))
+    x_test, y_test = on_device(extract_features(backbone, test, dist, args.workers))
     if val is None:
-        tr, va = _split_validation(len(y_train), args.seed)
+        tr, va = (torch.as_tensor(i, device=dist.device) for i in _split_validation(len(y_train), args.seed))
         x_val, y_val, x_train, y_train = x_train[va], y_train[va], x_train[tr], y_train[tr]
     else:
-        x_val, y_val = (t.cpu() for t in extract_features(backbone, val, dist, args.workers))
+        x_val, y_val = on_device(extract_features(backbone, val, dist, args.workers))
     metric = PROBE_METRICS.get(name, "top1")
     num_classes = y_train.shape[1] if metric == "map11" else int(max(y_train.max(), y_test.max())) + 1
     names = getattr(getattr(train, "dataset", train), "classes", None) or [str(c) for c in range(num_classes)]
@@ -803,21 +806,21 @@ def main(argv=None):
         task = (synthetic_transfer_task(name, args, longtail, dist, teacher.backbone, eval_transform) if synthetic
                 else real_transfer_task(name, args, dist, teacher.backbone, eval_transform))
         if dist.is_main:
-            with _one_cpu_thread(task["train"][0].device):
+            with _one_cpu_thread(task):
                 results[name], logits = linear_probe(task, args.probe_max_iter)
             print(f"probe {name}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in results[name].items()))
             if task["metric"] != "map11" and (first is None or not first[0]["pretrain_counts"].any()):
-                first = (task, logits)  # prefer a task over pre-training classes: per-class vs frequency
+                first = (task, logits.cpu())  # prefer a task over pre-training classes: per-class vs frequency
     if dist.is_main:
         extra = dict(probe=results, utilisation=utilisation, epochs=args.epochs, voc=args.voc,
                      prototypes=args.prototypes, eval_time=time.time() - start,
                      probe_mean_score=float(np.mean([r["score"] for r in results.values()])) if results else None)
         if first is not None:  # the first task's probe predictions as eval.npz / per_class.csv
             task, logits = first
-            final = metrics.write_eval_outputs(args.out, logits.argmax(1).numpy(), task["test"][1].numpy(),
+            final = metrics.write_eval_outputs(args.out, logits.argmax(1).numpy(), task["test"][1].cpu().numpy(),
                                                task["pretrain_counts"], task["classnames"],
-                                               features=task["test"][0], extra=dict(extra, eval_task=task["name"]))
+                                               features=task["test"][0].cpu(), extra=dict(extra, eval_task=task["name"]))
         else:
             final = dict(extra)
             data.write_json(os.path.join(args.out, "final.json"), final)
