@@ -147,9 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cpu(
           need_grad_scale ? grad_scale.to(scale.scalar_type()) : at::empty({0}, scale.options())};
 }
 
-// Budget of one row block's [rows, V] logits in xent_fused, and the fewest rows a block may have: the
-// matmuls run once per block, and fewer, larger matmuls keep their speed (also on a loaded machine,
-// where every parallel region waits for its slowest thread).
+// Budget of one row block's [rows, V] logits in xent_fused (it holds two such buffers), and the fewest
+// rows a block may have: the matmuls run once per block, and fewer, larger matmuls keep their speed
+// (also on a loaded machine, where every parallel region waits for its slowest thread).
 constexpr int64_t kCpuRowBlockBytes = 8 * 1024 * 1024;
 constexpr int64_t kCpuMinRows = 256;
 
@@ -158,29 +158,33 @@ constexpr int64_t kCpuMinRows = 256;
 // milliseconds on a loaded one, where it waits for a descheduled thread.)
 int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(row_length, 1)); }
 
-// First pass over a block of unscaled logits z [nb, V], in place: z <- s*z - rowmax(s*z); also keeps
-// rowmax and the target logit s*z[target] of each row. (The caller then applies ATen's vectorised exp.)
+// First pass over a block of unscaled logits z [nb, V]: e = s*z - rowmax(s*z) (the caller then applies
+// ATen's vectorised exp to e), and each row's max and target logit s*z[target].
 template <typename acc_t>
-void shift_rows(acc_t* z, acc_t* row_max, acc_t* target_logit, const int64_t* target, int64_t nb, int64_t V, acc_t s) {
+void shift_rows(const acc_t* z, acc_t* e, acc_t* row_max, acc_t* target_logit, const int64_t* target, int64_t nb,
+                int64_t V, acc_t s) {
   at::parallel_for(0, nb, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      acc_t* zr = z + r * V;
+      const acc_t* zr = z + r * V;
+      acc_t* er = e + r * V;
       acc_t m = -std::numeric_limits<acc_t>::infinity();
       for (int64_t j = 0; j < V; ++j) m = std::max(m, s * zr[j]);
+      for (int64_t j = 0; j < V; ++j) er[j] = s * zr[j] - m;
       target_logit[r] = s * zr[target[r]];
-      for (int64_t j = 0; j < V; ++j) zr[j] = s * zr[j] - m;
       row_max[r] = m;
     }
   });
 }
 
-// Second pass, on e = exp(s*z - rowmax) in place: loss[r] = logsumexp - target logit, and, if `grads`,
-// e <- softmax - onehot.
+// Second pass, with e = exp(s*z - rowmax): loss[r] = logsumexp - target logit; if `grads`, e becomes
+// d loss / d(x.w) = coef * (softmax - onehot) in place, and dscale[r] = sum_j (softmax - onehot)_j z_j
+// (the scale's gradient, from the unscaled z: no division by a possibly-zero scale).
 template <typename acc_t>
-void finish_rows(acc_t* e, const acc_t* row_max, const acc_t* target_logit, const int64_t* target, acc_t* loss,
-                 int64_t nb, int64_t V, bool grads) {
+void finish_rows(const acc_t* z, acc_t* e, const acc_t* row_max, const acc_t* target_logit, const int64_t* target,
+                 acc_t* loss, acc_t* dscale, int64_t nb, int64_t V, acc_t coef, bool grads) {
   at::parallel_for(0, nb, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      const acc_t* zr = z + r * V;
       acc_t* er = e + r * V;
       acc_t part[4] = {0, 0, 0, 0};  // four running sums: a fixed order, and fewer dependent adds
       int64_t j = 0;
@@ -192,17 +196,30 @@ void finish_rows(acc_t* e, const acc_t* row_max, const acc_t* target_logit, cons
       loss[r] = row_max[r] + std::log(sum) - target_logit[r];
       if (!grads) continue;
       const acc_t inv = acc_t(1) / sum;
-      for (j = 0; j < V; ++j) er[j] *= inv;
-      er[target[r]] -= acc_t(1);
+      acc_t pz[4] = {0, 0, 0, 0};  // sum_j p_j z_j, four running sums
+      for (j = 0; j + 4 <= V; j += 4) {
+        for (int k = 0; k < 4; ++k) {
+          const acc_t p = er[j + k] * inv;
+          pz[k] += p * zr[j + k];
+          er[j + k] = p * coef;
+        }
+      }
+      for (; j < V; ++j) {
+        const acc_t p = er[j] * inv;
+        pz[0] += p * zr[j];
+        er[j] = p * coef;
+      }
+      const int64_t t = target[r];
+      er[t] -= coef;
+      dscale[r] = ((pz[0] + pz[1]) + (pz[2] + pz[3])) - zr[t];
     }
   });
 }
 
 // Loss (mean or sum over rows) and its gradients in one pass: every row block meets all V columns, so
-// its log-sum-exp is exact and softmax - onehot (P - Y) is formed right away, in place of the block's
-// logits. Per block, G = (P - Y) w[idx] gives dx = coef * G and dscale += sum_b x_b . G_b
-// (= sum_{b,v} (p - y) x.w, without dividing by a possibly-zero scale), and dw[idx] += coef * (P - Y)^T x. Three matmuls in
-// all, as many as eager's forward + backward; the only [rows, V] buffer is one block.
+// its log-sum-exp is exact and dZ = coef * (softmax - onehot) is formed right away. Per block: the
+// logits matmul, two fused row loops around ATen's vectorised exp, dx = dZ w[idx] and dw[idx] += dZ^T x.
+// Three matmuls in all, as many as eager's forward + backward; [rows, V] buffers exist for one block only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
     const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
@@ -213,45 +230,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   const double s = scale.item<double>();
   const int64_t B = X.size(0), D = X.size(1), V = idx.numel();
   const double row_weight = mean ? 1.0 / static_cast<double>(B) : 1.0;
-  const double coef = row_weight * s;  // d loss / d(x.w) = coef * (P - Y)
+  const double coef = row_weight * s;  // d loss / d(x.w) = coef * (softmax - onehot)
   const bool grads = need_grad_x || need_grad_w || need_grad_scale;
   const at::Tensor w_idx = w.index_select(0, idx).to(acc);  // [V, D], as eager's w[idx]
   at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
-  // written by the first row block's matmul (beta = 0), accumulated by the others
+  // written by the first row block's matmul (beta = 0), accumulated by the others in block order
   at::Tensor grad_w_rows = need_grad_w ? at::empty({V, D}, X.options()) : at::empty({0}, X.options());
   at::Tensor row_loss = at::empty({B}, X.options());
-  at::Tensor dscale_sum = at::zeros({}, X.options());  // sum over blocks, in block order
+  at::Tensor row_dscale = at::empty({B}, X.options());
   at::Tensor row_max = at::empty({B}, X.options());
   at::Tensor target_logit = at::empty({B}, X.options());
   const int64_t Bb = chunk_rows(B, V * static_cast<int64_t>(c10::elementSize(acc)), kCpuRowBlockBytes, kCpuMinRows);
   for (int64_t b0 = 0; b0 < B; b0 += Bb) {
     const int64_t nb = std::min(Bb, B - b0);
     const at::Tensor x_block = X.narrow(0, b0, nb);
-    at::Tensor block = at::mm(x_block, w_idx.t());  // [nb, V]: x.w, then s*x.w - max, exp, P - Y
+    const at::Tensor z = at::mm(x_block, w_idx.t());  // [nb, V], unscaled x.w
+    at::Tensor e = at::empty_like(z);                  // s*z - max, then exp, then dZ
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_shift_rows", [&] {
-      shift_rows<scalar_t>(block.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
+      shift_rows<scalar_t>(z.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
                            target_logit.data_ptr<scalar_t>() + b0, tpos.data_ptr<int64_t>() + b0, nb, V,
                            static_cast<scalar_t>(s));
     });
-    block.exp_();
+    e.exp_();
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_finish_rows", [&] {
-      finish_rows<scalar_t>(block.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
+      finish_rows<scalar_t>(z.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
                             target_logit.data_ptr<scalar_t>() + b0, tpos.data_ptr<int64_t>() + b0,
-                            row_loss.data_ptr<scalar_t>() + b0, nb, V, grads);
+                            row_loss.data_ptr<scalar_t>() + b0, row_dscale.data_ptr<scalar_t>() + b0, nb, V,
+                            static_cast<scalar_t>(coef), grads);
     });
-    if (need_grad_x || need_grad_scale) {
-      // G = (P - Y) w[idx] [nb, D], computed into grad_x's rows when those are wanted
-      at::Tensor g = need_grad_x ? grad_x.narrow(0, b0, nb) : at::empty({nb, D}, X.options());
-      at::mm_out(g, block, w_idx);
-      if (need_grad_scale) dscale_sum.add_(at::dot(g.view(-1), x_block.reshape(-1)));  // sum_b x_b . G_b (BLAS dot)
-      if (need_grad_x) g.mul_(coef);
+    if (need_grad_x) {
+      at::Tensor grad_x_block = grad_x.narrow(0, b0, nb);
+      at::mm_out(grad_x_block, e, w_idx);
     }
-    if (need_grad_w) {  // fixed order over row blocks; the first block overwrites (beta = 0: no zero fill)
-      grad_w_rows.addmm_(block.t(), x_block, b0 == 0 ? 0.0 : 1.0, coef);
-    }
+    if (need_grad_w) grad_w_rows.addmm_(e.t(), x_block, b0 == 0 ? 0.0 : 1.0, 1.0);  // beta = 0: no zero fill
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
-  at::Tensor grad_scale = need_grad_scale ? dscale_sum.mul_(row_weight) : at::empty({0}, X.options());
+  at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
   return {loss, grad_x, grad_w_rows, grad_scale};
 }
 
