@@ -59,6 +59,15 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   return pos;
 }
 
+// label_positions for CUDA tensors: the checks and binary searches run on the host, over copies of idx and
+// labels (V + B integers; raising an error needs a device-to-host synchronisation anyway). Keeping the error
+// path in this file, not in the .cu one, matters: a failing check thrown from the nvcc-compiled kernel file
+// crashed the process on an H100 (torch 2.11, CUDA 13.0) instead of raising.
+at::Tensor label_positions_via_host(const at::Tensor& idx, const at::Tensor& labels, int64_t num_classes) {
+  check_label_args(idx, labels);
+  return label_positions_cpu(idx.cpu(), labels.cpu(), num_classes).to(labels.device());
+}
+
 // Copies, for every row b whose target lies in the chunk [c0, c0 + n), logits[b, target - c0] into
 // picked[b] (forward), or subtracts grad[b] there (backward: softmax - onehot).
 template <typename acc_t>
@@ -306,6 +315,10 @@ TORCH_LIBRARY_IMPL(proto_ce, CPU, m) {
   m.impl("xent_backward", &xent_backward_cpu);
   m.impl("xent_fused", &xent_fused_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
+}
+
+TORCH_LIBRARY_IMPL(proto_ce, CUDA, m) {
+  m.impl("label_positions", &label_positions_via_host);
 }
 
 }  // namespace proto_ce
