@@ -47,6 +47,7 @@ Environment variables:
 Several processes importing this module at once (torchrun) share one build: torch's file lock in the
 build folder lets one compile while the others wait, and a finished build is loaded without rebuilding.
 """
+import functools
 import glob
 import hashlib
 import importlib
@@ -74,6 +75,29 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Public API
 # ---------------------------------------------------------------------------------------------------
 
+def _value_errors(fn):
+    """Raise the kernels' own input errors as the ValueError the public functions document.
+
+    The C++ checks use TORCH_CHECK (RuntimeError), not TORCH_CHECK_VALUE: on torch 2.11 a c10::ValueError
+    thrown from an extension crashed the process (segmentation fault, seen on an H100 and an H200 on
+    2026-11-26, also in a five-line extension), while c10::Error raised normally. Under torch.compile the
+    errors stay RuntimeError (the wrapper steps aside, so tracing sees no try block).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            message = (str(e).strip().splitlines() or [""])[0]
+            if message.startswith("proto_ce:"):
+                raise ValueError(message) from None
+            raise
+    return wrapper
+
+
+@_value_errors
 def proto_cross_entropy(x, w, idx, labels, logit_scale, reduction="mean"):
     """Cross-entropy of `logit_scale * x @ w[idx].T` against the positions of `labels` in `idx`.
 
@@ -295,6 +319,7 @@ def _register_python_side():
 # probabilities, which is S_r . (sum_g U_g) with U_g = sum_j p_gj w_student[idx_j] (csrc/dino_ce_cpu.cpp
 # derives it). Kernels: csrc/dino_ce_cpu.cpp, csrc/dino_ce_cuda.cu.
 
+@_value_errors
 def dino_proto_loss(student, teacher, w_student, w_teacher, idx, center, tau_s, tau_t, n_global, n_crops):
     """DINO's self-distillation loss over the prototype columns idx, and the teacher's logit column sums.
 

@@ -9,7 +9,7 @@
 TORCH_LIBRARY(proto_ce, m) {
   // Positions of `labels` (class ids) inside `idx` (sorted unique class ids of the K classes).
   // Validates idx (1-d, strictly increasing, within [0, num_classes)) and that every label is in idx;
-  // raises ValueError naming the problem otherwise.
+  // raises RuntimeError naming the problem otherwise (ValueError through proto_ce.py).
   m.def("label_positions(Tensor idx, Tensor labels, int num_classes) -> Tensor");
 
   // Hard-label cross-entropy over a subset of prototypes (Sec. 3.3 / 4.1 vocabulary subsampling):

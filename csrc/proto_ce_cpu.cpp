@@ -38,12 +38,12 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   const int64_t V = idx_c.numel();
   const int64_t* id = idx_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < V; ++i) {
-    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < num_classes, "proto_ce: idx contains class id ", id[i],
+    TORCH_CHECK(id[i] >= 0 && id[i] < num_classes, "proto_ce: idx contains class id ", id[i],
                       " outside [0, ", num_classes, ") (w has ", num_classes, " rows)");
     if (i > 0) {
-      TORCH_CHECK_VALUE(id[i] != id[i - 1], "proto_ce: idx contains duplicate class id ", id[i],
+      TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate class id ", id[i],
                         " (idx must be sorted and unique)");
-      TORCH_CHECK_VALUE(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1],
+      TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1],
                         " > idx[", i, "]=", id[i], "); use torch.sort or torch.unique");
     }
   }
@@ -52,20 +52,11 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   int64_t* out = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < labels_c.numel(); ++b) {
     const int64_t* hit = std::lower_bound(id, id + V, lab[b]);
-    TORCH_CHECK_VALUE(hit != id + V && *hit == lab[b], "proto_ce: labels contain class id ", lab[b],
+    TORCH_CHECK(hit != id + V && *hit == lab[b], "proto_ce: labels contain class id ", lab[b],
                       " (labels[", b, "]) which is not in idx; every label must be a sampled class");
     out[b] = hit - id;
   }
   return pos;
-}
-
-// label_positions for CUDA tensors: the checks and binary searches run on the host, over copies of idx and
-// labels (V + B integers; raising an error needs a device-to-host synchronisation anyway). Keeping the error
-// path in this file, not in the .cu one, matters: a failing check thrown from the nvcc-compiled kernel file
-// crashed the process on an H100 (torch 2.11, CUDA 13.0) instead of raising.
-at::Tensor label_positions_via_host(const at::Tensor& idx, const at::Tensor& labels, int64_t num_classes) {
-  check_label_args(idx, labels);
-  return label_positions_cpu(idx.cpu(), labels.cpu(), num_classes).to(labels.device());
 }
 
 // Copies, for every row b whose target lies in the chunk [c0, c0 + n), logits[b, target - c0] into
@@ -282,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
 // autograd formula, written without an intermediate [V, D] copy.
 at::Tensor scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor,
                             int64_t num_rows, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
+  TORCH_CHECK(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
                         idx.numel() == rows.size(0) && factor.dim() == 0,
                     "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
   at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
@@ -299,7 +290,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& idx, const
     const int64_t* rows_at = id.data_ptr<int64_t>();
     at::parallel_for(0, V, row_grain(D), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        TORCH_CHECK_VALUE(rows_at[i] >= 0 && rows_at[i] < num_rows, "proto_ce: scatter_rows index out of range");
+        TORCH_CHECK(rows_at[i] >= 0 && rows_at[i] < num_rows, "proto_ce: scatter_rows index out of range");
         for (int64_t d = 0; d < D; ++d) dst[rows_at[i] * D + d] = in[i * D + d] * f;
       }
     });
@@ -315,10 +306,6 @@ TORCH_LIBRARY_IMPL(proto_ce, CPU, m) {
   m.impl("xent_backward", &xent_backward_cpu);
   m.impl("xent_fused", &xent_fused_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
-}
-
-TORCH_LIBRARY_IMPL(proto_ce, CUDA, m) {
-  m.impl("label_positions", &label_positions_via_host);
 }
 
 }  // namespace proto_ce

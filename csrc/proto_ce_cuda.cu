@@ -132,6 +132,74 @@ __global__ void dlogits_kernel(const acc_t* __restrict__ Z, int64_t n, int64_t c
   if (threadIdx.x == 0) row_dscale[b] += part;
 }
 
+// Checks idx (range, duplicates, order) and finds each label's position in idx by binary search. The
+// first offending index of each kind is recorded with an integer atomicMin (order-independent).
+// err: [0] idx out of range, [1] duplicate, [2] unsorted, [3] label not in idx; "none" = UINT64 max.
+__global__ void label_positions_kernel(const int64_t* __restrict__ idx, int64_t V, const int64_t* __restrict__ labels,
+                                       int64_t B, int64_t num_classes, int64_t* __restrict__ pos,
+                                       unsigned long long* __restrict__ err) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < V) {
+    const int64_t v = idx[i];
+    if (v < 0 || v >= num_classes) atomicMin(&err[0], static_cast<unsigned long long>(i));
+    if (i > 0) {
+      const int64_t prev = idx[i - 1];
+      if (v == prev) atomicMin(&err[1], static_cast<unsigned long long>(i));
+      if (v < prev) atomicMin(&err[2], static_cast<unsigned long long>(i));
+    }
+  }
+  if (i < B) {
+    const int64_t label = labels[i];
+    int64_t lo = 0, hi = V;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (idx[mid] < label) lo = mid + 1; else hi = mid;
+    }
+    pos[i] = lo;
+    if (lo == V || idx[lo] != label) atomicMin(&err[3], static_cast<unsigned long long>(i));
+  }
+}
+
+at::Tensor label_positions_cuda(const at::Tensor& idx_in, const at::Tensor& labels_in, int64_t num_classes) {
+  check_label_args(idx_in, labels_in);
+  c10::cuda::CUDAGuard guard(idx_in.device());
+  const at::Tensor idx = idx_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t V = idx.numel(), B = labels.numel();
+  at::Tensor pos = at::empty_like(labels);
+  constexpr uint64_t kNone = std::numeric_limits<uint64_t>::max();
+  at::Tensor err = at::full({4}, -1, idx.options());  // all bits set = kNone as unsigned
+  const int64_t threads = 256, blocks = (std::max(V, B) + threads - 1) / threads;
+  if (blocks > 0) {
+    label_positions_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        idx.data_ptr<int64_t>(), V, labels.data_ptr<int64_t>(), B, num_classes, pos.data_ptr<int64_t>(),
+        reinterpret_cast<unsigned long long*>(err.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const at::Tensor err_host = err.cpu();  // the op's one device-to-host sync: errors must raise here
+  const uint64_t* e = reinterpret_cast<const uint64_t*>(err_host.data_ptr<int64_t>());
+  if (e[0] != kNone) {
+    const int64_t bad = idx[static_cast<int64_t>(e[0])].item<int64_t>();
+    TORCH_CHECK(false, "proto_ce: idx contains class id ", bad, " outside [0, ", num_classes, ") (w has ",
+                      num_classes, " rows)");
+  }
+  if (e[1] != kNone) {
+    const int64_t i = static_cast<int64_t>(e[1]);
+    TORCH_CHECK(false, "proto_ce: idx contains duplicate class id ", idx[i].item<int64_t>(),
+                      " (idx must be sorted and unique)");
+  }
+  if (e[2] != kNone) {
+    const int64_t i = static_cast<int64_t>(e[2]);
+    TORCH_CHECK(false, "proto_ce: idx is not sorted (idx[", i - 1, "]=", idx[i - 1].item<int64_t>(), " > idx[", i,
+                      "]=", idx[i].item<int64_t>(), "); use torch.sort or torch.unique");
+  }
+  if (e[3] != kNone) {
+    const int64_t b = static_cast<int64_t>(e[3]);
+    TORCH_CHECK(false, "proto_ce: labels contain class id ", labels[b].item<int64_t>(), " (labels[", b,
+                      "]) which is not in idx; every label must be a sampled class");
+  }
+  return pos;
+}
+
 template <typename scalar_t>
 void forward_chunks(const at::Tensor& X, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
                     const at::Tensor& scale, at::Tensor& row_max, at::Tensor& row_sum, at::Tensor& target_logit) {
@@ -334,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cuda(
 // out [num_rows, D] of `dtype`: zero except out[idx[i]] = rows[i] * factor (see ops.cpp).
 at::Tensor scatter_rows_cuda(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor, int64_t num_rows,
                              at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
+  TORCH_CHECK(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
                         idx.numel() == rows.size(0) && factor.dim() == 0,
                     "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
   c10::cuda::CUDAGuard guard(rows.device());
@@ -346,6 +414,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& rows, const at::Tensor& idx, cons
 }  // namespace
 
 TORCH_LIBRARY_IMPL(proto_ce, CUDA, m) {
+  m.impl("label_positions", &label_positions_cuda);
   m.impl("xent_forward", &xent_forward_cuda);
   m.impl("xent_backward", &xent_backward_cuda);
   m.impl("xent_fused", &xent_fused_cuda);

@@ -318,14 +318,15 @@ def test_bad_reduction():
 
 @needs_extension_cpu
 def test_kernel_validation_messages():
-    """The C++ op itself (direct torch.ops call) rejects bad idx / labels with the same messages."""
+    """The C++ op itself (direct torch.ops call) rejects bad idx / labels with the same messages, as a
+    RuntimeError (proto_cross_entropy turns them into ValueError; see proto_ce._value_errors)."""
     idx = torch.tensor([1, 4, 9])
     cases = [(torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted"),
              (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
              (torch.tensor([1, 4, 12]), torch.tensor([4]), "outside [0, 10)"),
              (idx, torch.tensor([4, 5]), "class id 5 (labels[1]) which is not in idx")]
     for bad_idx, labels, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.label_positions(bad_idx, labels, 10)
     assert torch.equal(torch.ops.proto_ce.label_positions(idx, torch.tensor([9, 1, 4]), 10), torch.tensor([2, 0, 1]))
 
