@@ -36,13 +36,13 @@
 #   CLIP_PRETRAINED  Fig. 1b models, space-separated MODEL:TAG:FREQ_PROFILE (default: the paper's open_clip
 #                    models with a shipped frequency table); those not in the local weight cache are skipped
 #   CLIP_TEXT_INIT   pre-trained CLIP text tower for Fig. 5 / Fig. 8 (default RN50:openai; must be cached)
-#   SL_HEAD          frozen class prototypes of Fig. 8/9 (default clip-rn50, the shipped CLIP RN50 head;
-#                    --quick/--smoke default: the head exported by the pre-trained synthetic text tower)
+#   SL_HEAD          frozen class prototypes of Fig. 8/9 (default clip-rn50, the shipped CLIP RN50 head)
 #   WORKERS=8        DataLoader workers per process (paper scale)
 #   THREADS          OMP_NUM_THREADS of each run (--quick/--smoke default 1: two single-threaded runs use a
 #                    2-core CPU far better than one two-threaded run of these small models)
 #   PYTHON=python    the interpreter
 set -u
+{ # the whole script is one block: bash reads all of it before running, so editing it during a run is safe
 cd "$(dirname "$0")" || exit 1
 
 SECTIONS=(fig1 fig3 fig4 fig5 fig6 fig7 fig8 fig10)
@@ -187,7 +187,9 @@ laionet() {  # LAIONet (threshold 0.7); the synthetic world with LAIONet's class
 # The pre-trained text tower of Fig. 5 and Fig. 8/9 (Sec. 3.5, Appx. C.4). Paper scale: an open_clip
 # pretrained tag (CLIP_TEXT_INIT, RN50:openai by default, RN50's text tower). Quick/smoke: clip_tail.py
 # first trains a CLIP on a bigger, balanced synthetic corpus (another data seed) and its checkpoint stands
-# in for pre-trained CLIP; its zero-shot classifier is exported as the frozen SL head (--export-head).
+# in for pre-trained CLIP (its zero-shot classifier is exported too: SL_HEAD=<out>/clip_textpre_s0/head.pt
+# uses it as SL's frozen head). SL's frozen head is the shipped CLIP RN50 "a {class}" head in every mode, as in
+# the paper (Sec. 4.1); on the synthetic world it is a real CLIP's view of the same ImageNet classes.
 text_tower() {
     if [[ $MODE == paper ]]; then
         TEXT_INIT=${CLIP_TEXT_INIT:-RN50:openai} TEXT_NEEDS="" HEAD=${SL_HEAD:-clip-rn50} HEAD_NEEDS=""
@@ -195,7 +197,7 @@ text_tower() {
         local dir=$OUT/clip_textpre_s0
         plan1 clip_textpre_s0 "" clip_tail.py "${TEXTPRE[@]}" --export-head "$dir/head.pt" --seed 0
         TEXT_INIT=$dir/checkpoint.pt TEXT_NEEDS=$dir/final.json
-        HEAD=${SL_HEAD:-$dir/head.pt} HEAD_NEEDS=$([[ -z ${SL_HEAD:-} ]] && echo "$dir/head.pt")
+        HEAD=${SL_HEAD:-clip-rn50} HEAD_NEEDS=""
     fi
 }
 
@@ -480,3 +482,5 @@ if ((${#FAILED[@]})); then
     printf '  %s\n' "${FAILED[@]}"
     exit 1
 fi
+exit 0
+}

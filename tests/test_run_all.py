@@ -99,7 +99,7 @@ def test_quick_dry_run_parses_with_every_scripts_parser():
     # the frozen runs use the text tower and head the pre-training run writes
     assert runs["clip_frozen_frac1_s0"].text_init == "runs/quick/clip_textpre_s0/checkpoint.pt"
     assert runs["clip_frozen_frac1_s0"].lock_text and not runs["clip_finetune_frac1_s0"].lock_text
-    assert runs["sl-frozen_tail0_s0"].head_file == runs["clip_textpre_s0"].export_head
+    assert runs["sl-frozen_tail0_s0"].head_file == "clip-rn50" and runs["clip_textpre_s0"].export_head
     assert runs["sl-frozen-voc_tail0_s0"].voc > 0 and runs["sl-frozen-voc_tail0_s0"].tail_shots == 0
     assert runs["sl_voc20_s0"].voc == 20 and runs["clip_title-desc_s0"].caption_fields == "title,description"
 
@@ -248,13 +248,13 @@ def test_a_failure_is_reported_at_the_end_and_does_not_stop_the_others(tmp_path,
     proc = run_all("--smoke", "--only", "fig8", "--out", out, "--report", str(tmp_path / "r"), env=env, check=False)
     assert proc.returncode == 1
     assert "[1/9] clip_textpre_s0 ... FAILED (exit 3)" in proc.stdout and "boom" in proc.stdout
-    # the runs that need the pre-trained text tower fail without starting; SL without a frozen head still runs
+    # the CLIP runs that need the pre-trained text tower fail without starting; the six SL runs still run
     scripts_run = [c for c in calls_of(env) if c[0] != "report.py"]
-    assert len(scripts_run) == 3  # the failing pre-training run, sl_tail1, sl_tail0
-    assert os.path.isfile(os.path.join(out, "sl_tail0_s0", "final.json"))
+    assert len(scripts_run) == 7 and sum(c[0] == "sl_tail.py" for c in scripts_run) == 6
+    assert os.path.isfile(os.path.join(out, "sl-frozen-voc_tail0_s0", "final.json"))
     summary = proc.stdout[proc.stdout.index("failed:"):]
     assert "clip_textpre_s0 (exit 3" in summary and "clip-frozen_tail0_s0 (needs" in summary
-    assert summary.count("\n  ") == 7  # 1 failure + 6 runs that needed its outputs
+    assert summary.count("\n  ") == 3  # the failure + the 2 runs that needed its output
 
 
 # ---- The whole pipeline at --smoke size --------------------------------------------------------------
