@@ -92,10 +92,10 @@ case $MODE in
         LAUNCH=("$PY") JOBS=${JOBS:-2} THREADS=${THREADS:-1}
         DATA=(--num-train 8000 --num-test-per-class 20)
         CLIP=(--epochs 3 --batch-size 128 --warmup 20)
-        SL=(--epochs 5 --batch-size 16)  # a 16-image batch holds ~15 of the 100 classes, so --voc 20/50 act
+        SL=(--epochs 4 --batch-size 16)  # a 16-image batch holds ~15 of the 100 classes, so --voc 20/50 act
         DINO_DATA=(--num-train 3000)
         DINO=(--epochs 3 --batch-size 128 --probe-max-iter 100)
-        TEXTPRE=(--profile uniform --num-train 16000 --num-test-per-class 20 --data-seed 1 --epochs 3 --batch-size 128
+        TEXTPRE=(--profile uniform --num-train 12000 --num-test-per-class 20 --data-seed 1 --epochs 3 --batch-size 128
                  --warmup 20)
         VOCS=(10 20 50) SCALES=(0.25 0.5 1) OPEN_WORLD=(30 100) TRIM=20 TAIL_VOC=20
         DINO_K=4096 DINO_SMALL=1024 DINO_VOCS=(1024) ;;
