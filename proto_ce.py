@@ -193,20 +193,24 @@ def _check_inputs(x, w, idx, labels, logit_scale, reduction):
         raise ValueError("proto_ce: idx is empty (V == 0); sample at least one prototype")
 
 
-def _label_positions_reference(idx, labels, num_classes):
-    """Positions of labels in idx, with the checks of the C++ op (label_positions) in plain PyTorch."""
-    bad = (idx < 0) | (idx >= num_classes)
+def _check_sorted_unique_ids(idx, limit, kind, rows_note):
+    """idx values in [0, limit), strictly increasing; the C++ ops' messages (kind: 'class' or 'prototype')."""
+    bad = (idx < 0) | (idx >= limit)
     if bool(bad.any()):
-        raise ValueError(f"proto_ce: idx contains class id {int(idx[bad][0])} outside [0, {num_classes}) "
-                         f"(w has {num_classes} rows)")
+        raise ValueError(f"proto_ce: idx contains {kind} id {int(idx[bad][0])} outside [0, {limit}) ({rows_note})")
     step = idx[1:] - idx[:-1]
     if bool((step == 0).any()):
         i = int((step == 0).nonzero()[0]) + 1
-        raise ValueError(f"proto_ce: idx contains duplicate class id {int(idx[i])} (idx must be sorted and unique)")
+        raise ValueError(f"proto_ce: idx contains duplicate {kind} id {int(idx[i])} (idx must be sorted and unique)")
     if bool((step < 0).any()):
         i = int((step < 0).nonzero()[0]) + 1
         raise ValueError(f"proto_ce: idx is not sorted (idx[{i - 1}]={int(idx[i - 1])} > idx[{i}]={int(idx[i])}); "
                          "use torch.sort or torch.unique")
+
+
+def _label_positions_reference(idx, labels, num_classes):
+    """Positions of labels in idx, with the checks of the C++ op (label_positions) in plain PyTorch."""
+    _check_sorted_unique_ids(idx, num_classes, "class", f"w has {num_classes} rows")
     pos = torch.searchsorted(idx, labels)
     found = idx[pos.clamp(max=idx.shape[0] - 1)] == labels
     if not bool(found.all()):
@@ -433,18 +437,7 @@ def _check_dino_idx(idx, num_prototypes):
     """The values of idx (range, sorted, unique), as the C++ op checks them (csrc/dino_ce_cpu.cpp check_idx)."""
     if idx.shape[0] == 0:
         raise ValueError("proto_ce: idx is empty (V == 0); sample at least one prototype")
-    bad = (idx < 0) | (idx >= num_prototypes)
-    if bool(bad.any()):
-        raise ValueError(f"proto_ce: idx contains prototype id {int(idx[bad][0])} outside [0, {num_prototypes}) "
-                         f"(the prototypes have {num_prototypes} rows)")
-    step = idx[1:] - idx[:-1]
-    if bool((step == 0).any()):
-        i = int((step == 0).nonzero()[0]) + 1
-        raise ValueError(f"proto_ce: idx contains duplicate prototype id {int(idx[i])} (idx must be sorted and unique)")
-    if bool((step < 0).any()):
-        i = int((step < 0).nonzero()[0]) + 1
-        raise ValueError(f"proto_ce: idx is not sorted (idx[{i - 1}]={int(idx[i - 1])} > idx[{i}]={int(idx[i])}); "
-                         "use torch.sort or torch.unique")
+    _check_sorted_unique_ids(idx, num_prototypes, "prototype", f"the prototypes have {num_prototypes} rows")
 
 
 _DINO_KERNELS = set()  # device types with compiled dino_forward kernels (filled at import by the loader)
