@@ -531,9 +531,24 @@ def _prebuilt_info(path):
     return (match.group(1).decode(), match.group(2) == b"1") if match else (None, False)
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension. On a machine without a GPU its import logs "No CUDA runtime is found,
+    using CUDA_HOME=..." whenever a CUDA toolkit is installed; this module never compiles CUDA there, so
+    the message would only confuse: it is held back during that import (the logger is restored after)."""
+    import logging
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    if not torch.cuda.is_available():
+        logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _nvcc_found():
-    from torch.utils import cpp_extension
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    return torch.version.cuda is not None and _cpp_extension().CUDA_HOME is not None
 
 
 def _build_root():
@@ -546,7 +561,7 @@ def _build_root():
 
 def _jit_build(with_cuda):
     """Compile csrc/ with ninja into the cache (once) and load it; returns the library path."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
     sources = _csrc_files(with_cuda)
     if not sources:
         raise FileNotFoundError(f"no C++ sources in {_CSRC}")

@@ -363,6 +363,16 @@ def test_forced_reference_backend():
     assert "warn" not in result.stderr.lower(), "an explicit PROTO_CE_BACKEND=reference must not warn"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is held back only where there is no GPU")
+def test_import_without_gpu_does_not_log_cuda_runtime_message(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found" on import wherever CUDA_HOME names an
+    existing folder and there is no GPU; proto_ce imports it on every load, and never compiles CUDA there."""
+    result = _run_python("import proto_ce; print(proto_ce.backend('cpu'))",
+                         {"CUDA_HOME": str(tmp_path), "PROTO_CE_BACKEND": "auto"}, REPO)
+    assert result.returncode == 0 and "extension-cpu" in result.stdout, result.stderr[-2000:]
+    assert "No CUDA runtime" not in result.stderr, result.stderr[-2000:]
+
+
 def test_fallback_with_warning_when_compiling_fails(tmp_path):
     """A checkout whose csrc/ differs from any prebuilt, with a compiler that always fails: the module
     ignores the stale prebuilt, cannot compile, warns once, and runs the reference."""
