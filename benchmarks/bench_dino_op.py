@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import proto_ce  # noqa: E402
-from harness import DTYPES, MIB, machine, peak_extra_bytes, time_steps  # noqa: E402
+from harness import DTYPES, MIB, machine, peak_extra_bytes, print_profiles, time_steps  # noqa: E402
 
 SHAPES = {"dino": dict(B=128, n_local=8, D=256, K=65536, V=16384),
           "dino-vanilla": dict(B=128, n_local=8, D=256, K=65536, V=65536),
@@ -49,6 +49,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 5 on CPU, 30 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's table of where one step of each method spends its time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -119,6 +121,8 @@ def run_shape(name, shape, args, fns):
         vs_compile = f"{compile_s / sec:>10.2f}x" if compile_s else f"{'-':>11}"
         print(f"{method:<9} {sec * 1e3:>11.2f} {eager_s / sec:>17.2f}x {vs_compile} {peak / MIB:>15.1f} "
               f"{temp / MIB:>16.1f} {temp / max(eager_temp, 1):>20.3f}")
+    if args.profile:
+        print_profiles(steps, clear, args.device)
 
 
 def main():

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import proto_ce  # noqa: E402
-from harness import DTYPES, MIB, machine, peak_extra_bytes, time_steps  # noqa: E402
+from harness import DTYPES, MIB, machine, peak_extra_bytes, print_profiles, time_steps  # noqa: E402
 
 SHAPES = {"sl": dict(B=256, D=1024, K=1000, V=100), "dino": dict(B=2560, D=256, K=65536, V=16384),
           "dino-small": dict(B=512, D=256, K=65536, V=4096)}
@@ -39,6 +39,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's table of where one step of each method spends its time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -111,6 +113,8 @@ def run_shape(name, shape, args, fns):
     if "compile" in rows:
         print(f"proto_ce vs compile: {rows['compile'][0] / rows['proto_ce'][0]:.2f}x speed-up, "
               f"{rows['proto_ce'][2] / max(rows['compile'][2], 1):.3f}x the temporaries")
+    if args.profile:
+        print_profiles(steps, clear, args.device)
     return rows
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project checks on a CUDA GPU, in one short run (a rented GPU's time is scarce):
 # build the extension with its CUDA kernels, run the CUDA tests, benchmark both fused ops against eager
-# PyTorch and torch.compile, and train each script for a few steps with --amp on the GPU.
+# PyTorch and torch.compile (bf16 runs with a profiler table of where each method spends its GPU time),
+# and train each script for a few steps with --amp on the GPU.
 #
 #   bash benchmarks/gpu_check.sh [LOG_DIR]        # logs (and a summary) go to LOG_DIR, default gpu-logs/
 #
@@ -25,9 +26,9 @@ step() {  # step NAME COMMAND...: run, tee to LOG_DIR/NAME.log, record the outco
 step env bash -c 'nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nvcc --version | tail -1'
 step build python3 -c "import time, proto_ce; t = time.time(); print(proto_ce.backend('cuda'), proto_ce.backend('cpu'))"
 step tests python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_proto_ce.py tests/test_dino_op.py tests/test_metrics.py
-step bench_proto_bf16 python3 benchmarks/bench_proto_ce.py --device cuda --dtype bf16 --shapes sl,dino
+step bench_proto_bf16 python3 benchmarks/bench_proto_ce.py --device cuda --dtype bf16 --shapes sl,dino --profile
 step bench_proto_fp32 python3 benchmarks/bench_proto_ce.py --device cuda --dtype fp32 --shapes sl,dino
-step bench_dino_bf16 python3 benchmarks/bench_dino_op.py --device cuda --dtype bf16
+step bench_dino_bf16 python3 benchmarks/bench_dino_op.py --device cuda --dtype bf16 --profile
 step bench_dino_fp32 python3 benchmarks/bench_dino_op.py --device cuda --dtype fp32
 if python3 -c "import open_clip" 2>/dev/null; then
     tiny="--num-train 2000 --num-test-per-class 10 --cache-dir /tmp/cbt-cache --epochs 1 --amp --device cuda"

@@ -113,3 +113,21 @@ def machine(device):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
             f"(torch {torch.__version__}), no GPU used")
+
+
+def print_profiles(steps, clear, device, n_steps=5, rows=12):
+    """For each method, torch.profiler's table of the operators and kernels its steps spend their time in
+    (totals over n_steps steps; on CUDA sorted by GPU time): where a method's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    for name, step in steps.items():
+        with profile(activities=activities) as prof:
+            for _ in range(n_steps):
+                clear()
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        clear()
+        print(f"\nprofile of {n_steps} {name} steps:")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70))
