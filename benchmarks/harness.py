@@ -120,7 +120,7 @@ def print_profiles(steps, clear, device, n_steps=5, rows=12):
     (totals over n_steps steps; on CUDA sorted by GPU time): where a method's time goes."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     for name, step in steps.items():
         with profile(activities=activities) as prof:
             for _ in range(n_steps):
