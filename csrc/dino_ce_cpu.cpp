@@ -74,7 +74,7 @@ int64_t num_pairs(int64_t n_crops, int64_t n_global) {
 // device-to-host copy decides whether the detailed scan (which names the offending entry) is needed.
 void check_idx(const at::Tensor& idx, int64_t K) {
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
-                    "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
+              "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
   const int64_t V = idx.numel();
   TORCH_CHECK(V > 0, "proto_ce: idx is empty (V == 0); sample at least one prototype");
   at::Tensor host = idx;
@@ -88,12 +88,12 @@ void check_idx(const at::Tensor& idx, int64_t K) {
   const int64_t* id = host.data_ptr<int64_t>();
   for (int64_t i = 0; i < V; ++i) {
     TORCH_CHECK(id[i] >= 0 && id[i] < K, "proto_ce: idx contains prototype id ", id[i], " outside [0, ", K,
-                      ") (the prototypes have ", K, " rows)");
+                ") (the prototypes have ", K, " rows)");
     if (i > 0) {
       TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate prototype id ", id[i],
-                        " (idx must be sorted and unique)");
+                  " (idx must be sorted and unique)");
       TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1], " > idx[", i,
-                        "]=", id[i], "); use torch.sort or torch.unique");
+                  "]=", id[i], "); use torch.sort or torch.unique");
     }
   }
 }
@@ -104,24 +104,24 @@ void check_args(const at::Tensor& S, const at::Tensor& T, const at::Tensor& Ws, 
                 const at::Tensor& idx, const at::Tensor& center, double tau_s, double tau_t, int64_t n_global,
                 bool check_values) {
   TORCH_CHECK(S.dim() == 2 && T.dim() == 2 && Ws.dim() == 2 && Ws.sizes() == Wt.sizes() &&
-                        S.size(1) == Ws.size(1) && T.size(1) == Ws.size(1),
-                    "proto_ce.dino: student [n_crops*B, D], teacher [n_global*B, D], w_student and w_teacher "
-                    "[K, D] must be 2-d with one D and one K");
+                  S.size(1) == Ws.size(1) && T.size(1) == Ws.size(1),
+              "proto_ce.dino: student [n_crops*B, D], teacher [n_global*B, D], w_student and w_teacher "
+              "[K, D] must be 2-d with one D and one K");
   TORCH_CHECK(S.scalar_type() == T.scalar_type() && S.scalar_type() == Ws.scalar_type() &&
-                        S.scalar_type() == Wt.scalar_type() && S.scalar_type() == center.scalar_type(),
-                    "proto_ce.dino: student, teacher, prototypes and center must share one dtype");
+                  S.scalar_type() == Wt.scalar_type() && S.scalar_type() == center.scalar_type(),
+              "proto_ce.dino: student, teacher, prototypes and center must share one dtype");
   TORCH_CHECK(center.dim() == 1 && center.size(0) == Ws.size(0), "proto_ce.dino: center must be [K]");
   TORCH_CHECK(n_global >= 1 && T.size(0) > 0 && T.size(0) % n_global == 0,
-                    "proto_ce.dino: teacher rows must be n_global*B with B > 0");
+              "proto_ce.dino: teacher rows must be n_global*B with B > 0");
   const int64_t B = T.size(0) / n_global;
   TORCH_CHECK(S.size(0) % B == 0 && S.size(0) / B >= n_global && num_pairs(S.size(0) / B, n_global) > 0,
-                    "proto_ce.dino: student rows must be n_crops*B with n_crops >= n_global and at least one pair");
+              "proto_ce.dino: student rows must be n_crops*B with n_crops >= n_global and at least one pair");
   TORCH_CHECK(tau_s > 0 && tau_t > 0, "proto_ce.dino: temperatures must be positive");
   if (check_values) {
     check_idx(idx, Ws.size(0));
   } else {
     TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() > 0,
-                      "proto_ce.dino: idx must be a non-empty 1-d int64 tensor");
+                "proto_ce.dino: idx must be a non-empty 1-d int64 tensor");
   }
 }
 

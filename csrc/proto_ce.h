@@ -52,28 +52,28 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 // five-line extension), while c10::Error raised normally.
 inline void check_label_args(const at::Tensor& idx, const at::Tensor& labels) {
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
-                    "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
+              "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
   TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "proto_ce: labels must be a 1-d int64 tensor, got ",
-                    labels.dim(), "-d ", labels.scalar_type());
+              labels.dim(), "-d ", labels.scalar_type());
   TORCH_CHECK(idx.numel() > 0, "proto_ce: idx is empty (V == 0); sample at least one prototype");
   TORCH_CHECK(idx.device() == labels.device(), "proto_ce: idx is on ", idx.device(), " but labels on ",
-                    labels.device());
+              labels.device());
 }
 
 inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx,
                               const at::Tensor& target_pos, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-                    "proto_ce: x [B, D] and w [K, D] must be 2-d with the same D");
+              "proto_ce: x [B, D] and w [K, D] must be 2-d with the same D");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "proto_ce: x and w must have the same dtype");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() > 0,
-                    "proto_ce: idx must be a non-empty 1-d int64 tensor");
+              "proto_ce: idx must be a non-empty 1-d int64 tensor");
   TORCH_CHECK(target_pos.dim() == 1 && target_pos.scalar_type() == at::kLong &&
-                        target_pos.numel() == x.size(0) && x.size(0) > 0,
-                    "proto_ce: target_pos must be a 1-d int64 tensor with one entry per row of x (B > 0)");
+                  target_pos.numel() == x.size(0) && x.size(0) > 0,
+              "proto_ce: target_pos must be a 1-d int64 tensor with one entry per row of x (B > 0)");
   TORCH_CHECK(scale.dim() == 0, "proto_ce: scale must be a 0-d tensor");
   for (const at::Tensor* t : {&w, &idx, &target_pos, &scale}) {
     TORCH_CHECK(t->device() == x.device(), "proto_ce: all inputs must be on one device (x is on ",
-                      x.device(), ", another input on ", t->device(), ")");
+                x.device(), ", another input on ", t->device(), ")");
   }
 }
 

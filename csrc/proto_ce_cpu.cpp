@@ -39,12 +39,12 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   const int64_t* id = idx_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < V; ++i) {
     TORCH_CHECK(id[i] >= 0 && id[i] < num_classes, "proto_ce: idx contains class id ", id[i],
-                      " outside [0, ", num_classes, ") (w has ", num_classes, " rows)");
+                " outside [0, ", num_classes, ") (w has ", num_classes, " rows)");
     if (i > 0) {
       TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate class id ", id[i],
-                        " (idx must be sorted and unique)");
+                  " (idx must be sorted and unique)");
       TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1],
-                        " > idx[", i, "]=", id[i], "); use torch.sort or torch.unique");
+                  " > idx[", i, "]=", id[i], "); use torch.sort or torch.unique");
     }
   }
   at::Tensor pos = at::empty_like(labels_c);
@@ -53,7 +53,7 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   for (int64_t b = 0; b < labels_c.numel(); ++b) {
     const int64_t* hit = std::lower_bound(id, id + V, lab[b]);
     TORCH_CHECK(hit != id + V && *hit == lab[b], "proto_ce: labels contain class id ", lab[b],
-                      " (labels[", b, "]) which is not in idx; every label must be a sampled class");
+                " (labels[", b, "]) which is not in idx; every label must be a sampled class");
     out[b] = hit - id;
   }
   return pos;
@@ -274,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
 at::Tensor scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor,
                             int64_t num_rows, at::ScalarType dtype) {
   TORCH_CHECK(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
-                        idx.numel() == rows.size(0) && factor.dim() == 0,
-                    "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
+                  idx.numel() == rows.size(0) && factor.dim() == 0,
+              "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
   at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
   if (dtype != rows.scalar_type() || !at::isFloatingType(dtype) || dtype == at::kHalf || dtype == at::kBFloat16) {
     out.index_copy_(0, idx, rows.mul(factor).to(dtype));

@@ -180,22 +180,22 @@ at::Tensor label_positions_cuda(const at::Tensor& idx_in, const at::Tensor& labe
   if (e[0] != kNone) {
     const int64_t bad = idx[static_cast<int64_t>(e[0])].item<int64_t>();
     TORCH_CHECK(false, "proto_ce: idx contains class id ", bad, " outside [0, ", num_classes, ") (w has ",
-                      num_classes, " rows)");
+                num_classes, " rows)");
   }
   if (e[1] != kNone) {
     const int64_t i = static_cast<int64_t>(e[1]);
     TORCH_CHECK(false, "proto_ce: idx contains duplicate class id ", idx[i].item<int64_t>(),
-                      " (idx must be sorted and unique)");
+                " (idx must be sorted and unique)");
   }
   if (e[2] != kNone) {
     const int64_t i = static_cast<int64_t>(e[2]);
     TORCH_CHECK(false, "proto_ce: idx is not sorted (idx[", i - 1, "]=", idx[i - 1].item<int64_t>(), " > idx[", i,
-                      "]=", idx[i].item<int64_t>(), "); use torch.sort or torch.unique");
+                "]=", idx[i].item<int64_t>(), "); use torch.sort or torch.unique");
   }
   if (e[3] != kNone) {
     const int64_t b = static_cast<int64_t>(e[3]);
     TORCH_CHECK(false, "proto_ce: labels contain class id ", labels[b].item<int64_t>(), " (labels[", b,
-                      "]) which is not in idx; every label must be a sampled class");
+                "]) which is not in idx; every label must be a sampled class");
   }
   return pos;
 }
@@ -403,8 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cuda(
 at::Tensor scatter_rows_cuda(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor, int64_t num_rows,
                              at::ScalarType dtype) {
   TORCH_CHECK(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
-                        idx.numel() == rows.size(0) && factor.dim() == 0,
-                    "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
+                  idx.numel() == rows.size(0) && factor.dim() == 0,
+              "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
   c10::cuda::CUDAGuard guard(rows.device());
   at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
   out.index_copy_(0, idx, (rows * factor).to(dtype));  // idx is unique: every row is written once
