@@ -1,8 +1,9 @@
 // Schemas of the proto_ce operators (torch.library) and the stub that makes the compiled library
 // importable as the Python module `_proto_ce_ext` (importing it runs the registrations below).
 //
-// Kernels are registered per device in the other files of csrc/ (TORCH_LIBRARY_IMPL); the autograd
-// formulas and the fake (meta) kernels used by torch.compile are registered from proto_ce.py.
+// Kernels are registered per device in the other files of csrc/ (TORCH_LIBRARY_IMPL); xent_fused's
+// autograd formula in proto_ce_autograd.cpp; the other autograd formulas and the fake (meta) kernels used
+// by torch.compile are registered from proto_ce.py.
 #include <Python.h>
 #include <torch/library.h>
 
