@@ -169,9 +169,9 @@ need() {
     note "skipped $SECTION: set ${missing[*]} (see the top of run_all.sh)"
     return 1
 }
-incaps() {  # IN-Caps (1000 classes unless --classes follows), tested on ImageNet val
+incaps() {  # incaps [CLASSES]: IN-Caps on CLASSES (default in1k: all 1000), tested on ImageNet val
     if [[ $MODE == paper ]]; then
-        D=(--data incaps --data-root "$INCAPS_ROOT" --val-root "$IMAGENET_VAL" --classes in1k)
+        D=(--data incaps --data-root "$INCAPS_ROOT" --val-root "$IMAGENET_VAL" --classes "${1:-in1k}")
     else
         D=("${DATA[@]}")
     fi
@@ -307,8 +307,7 @@ section_fig5() {
 section_fig6() {
     [[ $MODE == paper ]] && { need INCAPS_ROOT IMAGENET_VAL || return; }
     local D n
-    incaps
-    [[ $MODE == paper ]] && D+=(--classes in100)
+    incaps in100
     exp clip_ow0 clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title,description,tags
     for n in "${OPEN_WORLD[@]}"; do
         exp "clip_ow$n" clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title,description,tags \

@@ -157,6 +157,11 @@ def test_paper_dry_run_parses_with_every_scripts_parser(paper_env):
     assert runs["dino_small-head_s0"].prototypes == 16384
     assert runs["dino_balanced_s0"].data_root == paper_env["IMAGENET_TRAIN"]
     assert runs["clip_ow300_s0"].open_world == 300 and runs["clip_ow300_s0"].classes == "in100"
+    for script, argv, _ in commands[:-1]:  # a flag given twice must be a repeatable one (else the parser keeps the last)
+        args = runs[os.path.basename(argv[argv.index("--out") + 1])]
+        for flag in {a for a in argv if a.startswith("--") and argv.count(a) > 1}:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            assert isinstance(value, list) and len(value) == argv.count(flag), f"{script}: {flag} given twice"
     fig1 = runs["fig1_pretrained"]
     assert fig1.eval_only and len(fig1.pretrained) >= 5 and fig1.val_root == paper_env["IMAGENET_VAL"]
 
