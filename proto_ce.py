@@ -278,12 +278,8 @@ def _register_python_side():
         acc = _acc_dtype(x.dtype)
         return (x.new_empty((), dtype=acc),
                 x.new_empty(x.shape if need_x else (0,), dtype=acc),
-                x.new_empty((idx.shape[0], x.shape[1]) if need_w else (0,), dtype=acc),
+                w.new_empty(w.shape if need_w else (0,)),
                 x.new_empty(() if need_scale else (0,), dtype=acc))
-
-    @torch.library.register_fake("proto_ce::scatter_rows")
-    def _scatter_rows_fake(rows, idx, factor, num_rows, dtype):
-        return rows.new_empty((num_rows, rows.shape[1]), dtype=dtype)
 
     # xent_fused's autograd formula is registered in C++ (csrc/proto_ce_autograd.cpp): it runs on every
     # training step of the mean / sum loss, where a formula registered from here added about 0.1 ms of
@@ -649,7 +645,7 @@ def _initialise():
         return
     _LOADED.kernels = frozenset(
         (device, op) for device in ("cpu", "cuda")
-        for op in ("label_positions", "xent_forward", "xent_fused", "scatter_rows")
+        for op in ("label_positions", "xent_forward", "xent_fused")
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"proto_ce::{op}", device.upper()))
     _LOADED.has_cuda = ("cuda", "xent_forward") in _LOADED.kernels
     _register_python_side()

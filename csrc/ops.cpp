@@ -22,16 +22,13 @@ TORCH_LIBRARY(proto_ce, m) {
   // The same loss reduced over the batch (mean if `mean`, else sum), together with its gradients for an
   // upstream gradient of 1, computed in the same pass over the logits: row blocks of x meet all V
   // prototypes at once, so each row's log-sum-exp is exact and its softmax can be turned into gradients
-  // right away (no second matmul to recompute the logits). Returns (loss 0-d, grad_x [B,D], grad of the
-  // idx rows of w [V,D], grad_scale 0-d), all in the accumulation dtype; the autograd formula multiplies
-  // them by the upstream gradient. A gradient that is not needed comes back as an empty tensor [0].
+  // right away (no second matmul to recompute the logits). Returns (loss 0-d, grad_x [B,D], grad_w [K,D]
+  // dense with rows outside idx exactly zero, grad_scale 0-d): grad_w in w's dtype, the others in the
+  // accumulation dtype; the autograd formula multiplies them by the upstream gradient. A gradient that is
+  // not needed comes back as an empty tensor [0].
   m.def(
       "xent_fused(Tensor x, Tensor w, Tensor idx, Tensor target_pos, Tensor scale, bool mean, bool need_grad_x, "
       "bool need_grad_w, bool need_grad_scale) -> (Tensor, Tensor, Tensor, Tensor)");
-
-  // out [num_rows, D] of `dtype`: zero except out[idx[i]] = rows[i] * factor (the w gradient of
-  // xent_fused's autograd formula: scaled rows of grad w[idx] written straight into the dense gradient).
-  m.def("scatter_rows(Tensor rows, Tensor idx, Tensor factor, int num_rows, ScalarType dtype) -> Tensor");
 
   // Gradients of sum_b grad_loss[b] * loss[b] for x [B,D], w [K,D] (rows outside idx exactly zero) and
   // the 0-d scale. A gradient that is not needed comes back as an empty tensor of shape [0].

@@ -14,17 +14,29 @@
 
 namespace proto_ce {
 
-// How many prototype columns one chunk holds. `bytes_per_col` is the working memory one column of a
-// chunk costs; the chunk is sized to `budget_bytes`, rounded down to a multiple of `align` when larger.
-// PROTO_CE_CHUNK_COLS=<n> overrides it (the tests use tiny chunks to exercise the chunk boundaries).
-inline int64_t chunk_cols(int64_t V, int64_t bytes_per_col, int64_t budget_bytes, int64_t align) {
-  if (const char* env = std::getenv("PROTO_CE_CHUNK_COLS")) {
+// How many of `total` items (columns, dimensions) one chunk holds: `bytes_per_item` of working memory each,
+// sized to `budget_bytes`, rounded down to a multiple of `align` when larger. The environment variable
+// `override_env`=<n> forces n (the tests use tiny chunks to exercise the chunk boundaries).
+inline int64_t chunk_items(const char* override_env, int64_t total, int64_t bytes_per_item, int64_t budget_bytes,
+                           int64_t align) {
+  if (const char* env = std::getenv(override_env)) {
     const long long forced = std::atoll(env);
-    if (forced > 0) return std::min<int64_t>(V, forced);
+    if (forced > 0) return std::min<int64_t>(total, forced);
   }
-  int64_t cols = budget_bytes / std::max<int64_t>(bytes_per_col, 1);
-  if (cols >= 2 * align) cols -= cols % align;
-  return std::max<int64_t>(1, std::min<int64_t>(V, cols));
+  int64_t items = budget_bytes / std::max<int64_t>(bytes_per_item, 1);
+  if (items >= 2 * align) items -= items % align;
+  return std::max<int64_t>(1, std::min<int64_t>(total, items));
+}
+
+// Prototype columns per chunk of V (PROTO_CE_CHUNK_COLS overrides).
+inline int64_t chunk_cols(int64_t V, int64_t bytes_per_col, int64_t budget_bytes, int64_t align) {
+  return chunk_items("PROTO_CE_CHUNK_COLS", V, bytes_per_col, budget_bytes, align);
+}
+
+// Embedding dimensions per slice of the gathered prototypes w[idx] [V, D] in the CPU xent_fused
+// (PROTO_CE_SLICE_DIMS overrides).
+inline int64_t slice_dims(int64_t D, int64_t bytes_per_dim, int64_t budget_bytes, int64_t align) {
+  return chunk_items("PROTO_CE_SLICE_DIMS", D, bytes_per_dim, budget_bytes, align);
 }
 
 // How many rows of x one row block holds when a block meets all V columns at once (xent_fused): the

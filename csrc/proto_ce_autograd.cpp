@@ -1,8 +1,8 @@
 // Autograd formula of xent_fused, for every device (Autograd dispatch key).
 //
 // xent_fused returns the loss together with its gradients for an upstream gradient of 1; the backward
-// pass only scales them by the actual upstream gradient and writes the V gradient rows of w into the
-// dense [K, D] gradient (scatter_rows). It lives in C++, unlike the op family's other formulas
+// pass hands them over when the upstream gradient is exactly 1 (loss.backward() on a CPU) and scales them
+// otherwise. It lives in C++, unlike the op family's other formulas
 // (proto_ce.py), because it runs on every training step: registered from Python (torch.library's
 // register_autograd) it added about 0.1 ms of Python to every step (fwd+bwd at B=4: 214 us, now 120 us;
 // eager 114 us), which left the op 10-20 % behind eager at the SL shape on a CPU
@@ -33,15 +33,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_xent_fused(
   return op.call(x, w, idx, target_pos, scale, mean, need_x, need_w, need_scale);
 }
 
-at::Tensor call_scatter_rows(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor,
-                             int64_t num_rows, at::ScalarType dtype) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("proto_ce::scatter_rows", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                         at::ScalarType)>();
-  return op.call(rows, idx, factor, num_rows, dtype);
-}
-
 // An ordinary CPU tensor holding exactly 1: the common loss.backward(). Reading it costs nothing on a
 // CPU; on a GPU it would synchronise, and a traced (fake / functional) tensor has no value to read.
 bool is_plain_cpu_one(const at::Tensor& t) {
@@ -54,18 +45,17 @@ class XentFused : public torch::autograd::Function<XentFused> {
                                const at::Tensor& idx, const at::Tensor& target_pos, const at::Tensor& scale,
                                bool mean, bool need_x, bool need_w, bool need_scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad_x, grad_w_rows, grad_scale] =
+    auto [loss, grad_x, grad_w, grad_scale] =
         call_xent_fused(x, w, idx, target_pos, scale, mean, need_x, need_w, need_scale);
-    ctx->mark_non_differentiable({grad_x, grad_w_rows, grad_scale});
-    // no zero-filled [B, D] / [V, D] upstream gradients for the outputs nobody differentiates
+    ctx->mark_non_differentiable({grad_x, grad_w, grad_scale});
+    // no zero-filled [B, D] / [K, D] upstream gradients for the outputs nobody differentiates
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({idx, grad_x, grad_w_rows, grad_scale});
+    ctx->save_for_backward({grad_x, grad_w, grad_scale});
     ctx->saved_data["computed"] = std::vector<bool>{need_x, need_w, need_scale};
-    ctx->saved_data["num_rows"] = w.size(0);
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.scalar_type());
     ctx->saved_data["scale_dtype"] = static_cast<int64_t>(scale.scalar_type());
-    return {loss, grad_x, grad_w_rows, grad_scale};
+    return {loss, grad_x, grad_w, grad_scale};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -73,7 +63,7 @@ class XentFused : public torch::autograd::Function<XentFused> {
     const at::Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &idx = saved[0], &grad_x = saved[1], &grad_w_rows = saved[2], &grad_scale = saved[3];
+    const at::Tensor &grad_x = saved[0], &grad_w = saved[1], &grad_scale = saved[2];
     const auto computed = ctx->saved_data["computed"].toBoolList();
     TORCH_CHECK(!(ctx->needs_input_grad(0) && !computed[0]) && !(ctx->needs_input_grad(1) && !computed[1]) &&
                     !(ctx->needs_input_grad(4) && !computed[2]),
@@ -81,12 +71,14 @@ class XentFused : public torch::autograd::Function<XentFused> {
     const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     const auto w_dtype = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
     const auto scale_dtype = static_cast<at::ScalarType>(ctx->saved_data["scale_dtype"].toInt());
-    if (ctx->needs_input_grad(0)) {  // upstream gradient exactly 1: hand over the saved gradient, no copy
-      out[0] = is_plain_cpu_one(grad_loss) && grad_x.scalar_type() == x_dtype ? grad_x
-                                                                              : grad_x.mul(grad_loss).to(x_dtype);
+    // upstream gradient exactly 1: hand over the saved gradients, no copy (autograd then takes them over as
+    // .grad without copying too, once this node has released them)
+    const bool upstream_one = is_plain_cpu_one(grad_loss);
+    if (ctx->needs_input_grad(0)) {
+      out[0] = upstream_one && grad_x.scalar_type() == x_dtype ? grad_x : grad_x.mul(grad_loss).to(x_dtype);
     }
-    if (ctx->needs_input_grad(1)) {  // rows outside idx: exactly zero
-      out[1] = call_scatter_rows(grad_w_rows, idx, grad_loss, ctx->saved_data["num_rows"].toInt(), w_dtype);
+    if (ctx->needs_input_grad(1)) {
+      out[1] = upstream_one && grad_w.scalar_type() == w_dtype ? grad_w : grad_w.mul(grad_loss).to(w_dtype);
     }
     if (ctx->needs_input_grad(4)) out[4] = grad_scale.mul(grad_loss).to(scale_dtype);
     return out;

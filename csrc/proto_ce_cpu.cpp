@@ -1,9 +1,9 @@
 // CPU kernels of the hard-label subsampled-prototype cross-entropy (see ops.cpp for the schemas).
 //
-// xent_fused (reduction mean / sum): row blocks of x meet all V = idx.numel() gathered prototypes at
-// once; one BLAS matmul gives the block's logits [rows, V] (sized to stay in cache), two fused row loops
+// xent_fused (reduction mean / sum): row blocks of x meet all V = idx.numel() sampled prototypes at
+// once; BLAS matmuls give the block's logits [rows, V] (sized to stay in cache), two fused row loops
 // and ATen's vectorised exp give the exact log-sum-exp, the loss and softmax - onehot, and two more
-// matmuls give the block's dx and its contribution to dw[idx]. Gradients are computed for an upstream
+// matmuls give the block's dx and its contribution to the dense dw. Gradients are computed for an upstream
 // gradient of 1 during the forward pass; the autograd formula only scales them.
 // xent_forward / xent_backward (reduction none, arbitrary per-sample upstream gradients): chunks of Vc
 // columns, an online log-sum-exp in the forward pass, and a backward pass that recomputes each chunk's
@@ -147,9 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cpu(
           need_grad_scale ? grad_scale.to(scale.scalar_type()) : at::empty({0}, scale.options())};
 }
 
-// Budget of one row block's [rows, V] logits in xent_fused (it holds two such buffers), and the fewest
-// rows a block may have: the matmuls run once per block, and fewer, larger matmuls keep their speed
-// (also on a loaded machine, where every parallel region waits for its slowest thread).
+// Budget of one row block's [rows, V] logits in xent_fused, and the fewest rows a block may have: the
+// matmuls run once per block, and fewer, larger matmuls keep their speed (also on a loaded machine, where
+// every parallel region waits for its slowest thread).
 constexpr int64_t kCpuRowBlockBytes = 8 * 1024 * 1024;
 constexpr int64_t kCpuMinRows = 256;
 
@@ -157,6 +157,64 @@ constexpr int64_t kCpuMinRows = 256;
 // blocks run inline on the calling thread. (A parallel region costs microseconds on an idle machine but
 // milliseconds on a loaded one, where it waits for a descheduled thread.)
 int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(row_length, 1)); }
+
+// Rows per task in the loops that only move memory (gather, write, zero): ATen's own grain (32K elements),
+// as in the copies and fills of eager PyTorch; these loops are bound by memory latency, which a second
+// thread hides.
+int64_t copy_grain(int64_t row_length) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_length, 1)); }
+
+// out [V, n] (contiguous, accumulation dtype) = w[idx, d0:d0+n]: one slice of the sampled prototypes.
+// The rows of w are scattered over memory and usually not in cache: each row's segment is prefetched two
+// rows ahead (a third faster on the SL shape than copying alone).
+template <typename w_t, typename acc_t>
+void gather_slice(const at::Tensor& w, const int64_t* idx, int64_t V, int64_t d0, int64_t n, acc_t* out) {
+  const w_t* src = w.data_ptr<w_t>();
+  const int64_t D = w.size(1);
+  constexpr int64_t kAhead = 2, kLine = 64;
+  at::parallel_for(0, V, copy_grain(n), [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+#if defined(__GNUC__)
+      if (v + kAhead < v1) {
+        const char* ahead = reinterpret_cast<const char*>(src + idx[v + kAhead] * D + d0);
+        for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(w_t)); b += kLine) __builtin_prefetch(ahead + b);
+      }
+#endif
+      const w_t* row = src + idx[v] * D + d0;
+      for (int64_t d = 0; d < n; ++d) out[v * n + d] = static_cast<acc_t>(row[d]);
+    }
+  });
+}
+
+// grad_w[idx, d0:d0+n] = rows [V, n] (the first row block) or += rows (the others). idx is unique, so
+// every task owns its rows: no atomics, and each element's sum runs over the row blocks in order.
+template <typename acc_t>
+void write_rows(acc_t* grad_w, int64_t D, const int64_t* idx, int64_t V, int64_t d0, int64_t n, const acc_t* rows,
+                bool accumulate) {
+  at::parallel_for(0, V, copy_grain(n), [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      acc_t* dst = grad_w + idx[v] * D + d0;
+      const acc_t* src = rows + v * n;
+      if (accumulate) {
+        for (int64_t d = 0; d < n; ++d) dst[d] += src[d];
+      } else {
+        std::copy(src, src + n, dst);
+      }
+    }
+  });
+}
+
+// Zeroes the rows of grad_w [K, D] outside the sorted idx: the runs between consecutive sampled rows (the
+// idx rows themselves are written by the first row block).
+template <typename acc_t>
+void zero_rows_outside(acc_t* grad_w, int64_t K, int64_t D, const int64_t* idx, int64_t V) {
+  const int64_t gap_elements = std::max<int64_t>(1, (K - V) * D / (V + 1));  // on average
+  at::parallel_for(0, V + 1, copy_grain(gap_elements), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t first = i == 0 ? 0 : idx[i - 1] + 1, end = i == V ? K : idx[i];
+      std::fill(grad_w + first * D, grad_w + end * D, acc_t(0));
+    }
+  });
+}
 
 // First pass over a block of unscaled logits z [nb, V]: e = s*z - rowmax(s*z) (the caller then applies
 // ATen's vectorised exp to e), and each row's max and target logit s*z[target].
@@ -216,36 +274,80 @@ void finish_rows(const acc_t* z, acc_t* e, const acc_t* row_max, const acc_t* ta
   });
 }
 
+// A [rows, cols] matrix over the first rows * cols elements of a contiguous buffer (reused across blocks).
+at::Tensor as_matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
 // Loss (mean or sum over rows) and its gradients in one pass: every row block meets all V columns, so
 // its log-sum-exp is exact and dZ = coef * (softmax - onehot) is formed right away. Per block: the
 // logits matmul, two fused row loops around ATen's vectorised exp, dx = dZ w[idx] and dw[idx] += dZ^T x.
-// Three matmuls in all, as many as eager's forward + backward; [rows, V] buffers exist for one block only.
+// Three matmuls' work in all, as in eager's forward + backward.
+//
+// Memory: besides the returned gradients, one block's dZ [rows, V] and the gathered prototypes w[idx].
+// These are gathered in slices of Dc embedding dimensions [V, Dc] no larger than a logits block, and
+// gathered again where a slice is needed twice (the copy costs about 1/rows of the matmul work that uses
+// it); the block's logits z live in the rows of grad_x that the block writes last (dead by then), and the
+// w gradient accumulates straight into the dense [K, D] gradient (only its rows outside idx are zeroed). At the SL shape (B=256, D=1024, V=100)
+// this keeps the temporaries under a quarter of eager's, whose w[idx] alone is [V, D].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
     const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
   check_kernel_args(x, w, idx, target_pos, scale);
   const auto acc = acc_dtype(x.scalar_type());
   const at::Tensor X = x.contiguous().to(acc);
+  const at::Tensor W = w.contiguous();
+  const at::Tensor id = idx.contiguous();
   const at::Tensor tpos = target_pos.contiguous();
   const double s = scale.item<double>();
-  const int64_t B = X.size(0), D = X.size(1), V = idx.numel();
+  const int64_t B = X.size(0), D = X.size(1), V = id.numel();
   const double row_weight = mean ? 1.0 / static_cast<double>(B) : 1.0;
   const double coef = row_weight * s;  // d loss / d(x.w) = coef * (softmax - onehot)
   const bool grads = need_grad_x || need_grad_w || need_grad_scale;
-  const at::Tensor w_idx = w.index_select(0, idx).to(acc);  // [V, D], as eager's w[idx]
+  const int64_t elt = static_cast<int64_t>(c10::elementSize(acc));
+  const int64_t Bb = chunk_rows(B, V * elt, kCpuRowBlockBytes, kCpuMinRows);
+  const int64_t Dc = slice_dims(D, V * elt, Bb * V * elt, 16);
+  const bool one_slice = Dc == D;  // then w[idx] is gathered once and serves every block
+
   at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
-  // written by the first row block's matmul (beta = 0), accumulated by the others in block order
-  at::Tensor grad_w_rows = need_grad_w ? at::empty({V, D}, X.options()) : at::empty({0}, X.options());
+  at::Tensor grad_w = need_grad_w ? at::empty(W.sizes(), X.options()) : at::empty({0}, W.options());
+  if (need_grad_w) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_zero_rows_outside", [&] {
+      zero_rows_outside<scalar_t>(grad_w.data_ptr<scalar_t>(), W.size(0), D, id.data_ptr<int64_t>(), V);
+    });
+  }
+  at::Tensor prototype_buffer = one_slice ? w.index_select(0, id).to(acc) : at::empty({V, Dc}, X.options());
+  // a block's dW slice: its own buffer beside an all-of-w[idx] gather, else the slice buffer once dx is done
+  const at::Tensor dw_buffer = need_grad_w && one_slice ? at::empty({V, D}, X.options()) : prototype_buffer;
+  const at::Tensor dz_buffer = at::empty({Bb, V}, X.options());
+  const bool z_in_grad_x = need_grad_x && V <= D;
+  const at::Tensor z_buffer = z_in_grad_x ? at::Tensor() : at::empty({Bb, V}, X.options());
   at::Tensor row_loss = at::empty({B}, X.options());
   at::Tensor row_dscale = at::empty({B}, X.options());
   at::Tensor row_max = at::empty({B}, X.options());
   at::Tensor target_logit = at::empty({B}, X.options());
-  const int64_t Bb = chunk_rows(B, V * static_cast<int64_t>(c10::elementSize(acc)), kCpuRowBlockBytes, kCpuMinRows);
+
+  auto prototypes = [&](int64_t d0, int64_t n) -> at::Tensor {  // w[idx, d0:d0+n] as [V, n]
+    if (one_slice) return prototype_buffer;
+    at::Tensor out = as_matrix(prototype_buffer, V, n);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "proto_ce_gather_slice", [&] {
+      using w_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_gather_slice_acc", [&] {
+        gather_slice<w_t, scalar_t>(W, id.data_ptr<int64_t>(), V, d0, n, out.data_ptr<scalar_t>());
+      });
+    });
+    return out;
+  };
+
   for (int64_t b0 = 0; b0 < B; b0 += Bb) {
     const int64_t nb = std::min(Bb, B - b0);
     const at::Tensor x_block = X.narrow(0, b0, nb);
-    const at::Tensor z = at::mm(x_block, w_idx.t());  // [nb, V], unscaled x.w
-    at::Tensor e = at::empty_like(z);                  // s*z - max, then exp, then dZ
+    at::Tensor z = z_in_grad_x ? as_matrix(grad_x.narrow(0, b0, nb), nb, V) : as_matrix(z_buffer, nb, V);
+    for (int64_t d0 = 0; d0 < D; d0 += Dc) {  // z = x w[idx]^T, unscaled; beta = 0 on the first slice
+      const int64_t n = std::min(Dc, D - d0);
+      at::addmm_out(z, z, x_block.narrow(1, d0, n), prototypes(d0, n).t(), d0 == 0 ? 0.0 : 1.0, 1.0);
+    }
+    at::Tensor e = as_matrix(dz_buffer, nb, V);  // s*z - max, then exp, then dZ
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_shift_rows", [&] {
       shift_rows<scalar_t>(z.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>() + b0,
                            target_logit.data_ptr<scalar_t>() + b0, tpos.data_ptr<int64_t>() + b0, nb, V,
@@ -258,44 +360,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
                             row_loss.data_ptr<scalar_t>() + b0, row_dscale.data_ptr<scalar_t>() + b0, nb, V,
                             static_cast<scalar_t>(coef), grads);
     });
-    if (need_grad_x) {
-      at::Tensor grad_x_block = grad_x.narrow(0, b0, nb);
-      at::mm_out(grad_x_block, e, w_idx);
+    for (int64_t d0 = 0; (need_grad_x || need_grad_w) && d0 < D; d0 += Dc) {
+      const int64_t n = std::min(Dc, D - d0);
+      if (need_grad_x) {
+        at::Tensor grad_x_slice = grad_x.narrow(0, b0, nb).narrow(1, d0, n);
+        at::mm_out(grad_x_slice, e, prototypes(d0, n));
+      }
+      if (need_grad_w) {
+        at::Tensor dw = as_matrix(dw_buffer, V, n);
+        at::mm_out(dw, e.t(), x_block.narrow(1, d0, n));
+        AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_write_rows", [&] {
+          write_rows<scalar_t>(grad_w.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V, d0, n,
+                               dw.data_ptr<scalar_t>(), b0 > 0);
+        });
+      }
     }
-    if (need_grad_w) grad_w_rows.addmm_(e.t(), x_block, b0 == 0 ? 0.0 : 1.0, 1.0);  // beta = 0: no zero fill
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
-  return {loss, grad_x, grad_w_rows, grad_scale};
-}
-
-// out [num_rows, D] of `dtype`: zero, except out[idx[i]] = rows[i] * factor. The w gradient of xent_fused's
-// autograd formula, written without an intermediate [V, D] copy.
-at::Tensor scatter_rows_cpu(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor,
-                            int64_t num_rows, at::ScalarType dtype) {
-  TORCH_CHECK(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
-                  idx.numel() == rows.size(0) && factor.dim() == 0,
-              "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
-  at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
-  if (dtype != rows.scalar_type() || !at::isFloatingType(dtype) || dtype == at::kHalf || dtype == at::kBFloat16) {
-    out.index_copy_(0, idx, rows.mul(factor).to(dtype));
-    return out;
-  }
-  const at::Tensor src = rows.contiguous(), id = idx.contiguous();
-  const int64_t V = src.size(0), D = src.size(1);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "proto_ce_scatter_rows", [&] {
-    const scalar_t f = factor.item<scalar_t>();
-    const scalar_t* in = src.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    const int64_t* rows_at = id.data_ptr<int64_t>();
-    at::parallel_for(0, V, row_grain(D), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        TORCH_CHECK(rows_at[i] >= 0 && rows_at[i] < num_rows, "proto_ce: scatter_rows index out of range");
-        for (int64_t d = 0; d < D; ++d) dst[rows_at[i] * D + d] = in[i * D + d] * f;
-      }
-    });
-  });
-  return out;
+  if (need_grad_w) grad_w = grad_w.to(W.scalar_type());  // no copy for float32 / float64 prototypes
+  return {loss, grad_x, grad_w, grad_scale};
 }
 
 }  // namespace
@@ -305,7 +389,6 @@ TORCH_LIBRARY_IMPL(proto_ce, CPU, m) {
   m.impl("xent_forward", &xent_forward_cpu);
   m.impl("xent_backward", &xent_backward_cpu);
   m.impl("xent_fused", &xent_fused_cpu);
-  m.impl("scatter_rows", &scatter_rows_cpu);
 }
 
 }  // namespace proto_ce

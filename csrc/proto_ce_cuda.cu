@@ -396,19 +396,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cuda(
   });
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options().dtype(acc));
-  return {loss, grad_x, grad_w_rows, grad_scale};
-}
-
-// out [num_rows, D] of `dtype`: zero except out[idx[i]] = rows[i] * factor (see ops.cpp).
-at::Tensor scatter_rows_cuda(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& factor, int64_t num_rows,
-                             at::ScalarType dtype) {
-  TORCH_CHECK(rows.dim() == 2 && idx.dim() == 1 && idx.scalar_type() == at::kLong &&
-                  idx.numel() == rows.size(0) && factor.dim() == 0,
-              "proto_ce: scatter_rows needs rows [V, D], idx [V] int64 and a 0-d factor");
-  c10::cuda::CUDAGuard guard(rows.device());
-  at::Tensor out = at::zeros({num_rows, rows.size(1)}, rows.options().dtype(dtype));
-  out.index_copy_(0, idx, (rows * factor).to(dtype));  // idx is unique: every row is written once
-  return out;
+  at::Tensor grad_w = at::empty({0}, w.options());
+  if (need_grad_w) {  // dense [K, D] in w's dtype, rows outside idx zero; idx is unique: each row written once
+    grad_w = at::zeros(w.sizes(), w.options());
+    grad_w.index_copy_(0, idx, grad_w_rows.to(w.scalar_type()));
+  }
+  return {loss, grad_x, grad_w, grad_scale};
 }
 
 }  // namespace
@@ -418,7 +411,6 @@ TORCH_LIBRARY_IMPL(proto_ce, CUDA, m) {
   m.impl("xent_forward", &xent_forward_cuda);
   m.impl("xent_backward", &xent_backward_cuda);
   m.impl("xent_fused", &xent_fused_cuda);
-  m.impl("scatter_rows", &scatter_rows_cuda);
 }
 
 }  // namespace proto_ce
