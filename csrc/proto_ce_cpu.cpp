@@ -288,8 +288,10 @@ at::Tensor as_matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) {
 // These are gathered in slices of Dc embedding dimensions [V, Dc] no larger than a logits block, and
 // gathered again where a slice is needed twice (the copy costs about 1/rows of the matmul work that uses
 // it); the block's logits z live in the rows of grad_x that the block writes last (dead by then), and the
-// w gradient accumulates straight into the dense [K, D] gradient (only its rows outside idx are zeroed). At the SL shape (B=256, D=1024, V=100)
-// this keeps the temporaries under a quarter of eager's, whose w[idx] alone is [V, D].
+// w gradient goes straight into the dense [K, D] gradient (only its rows outside idx are zeroed). At the
+// SL shape (B=256, D=1024, V=100) this keeps the temporaries under a quarter of eager's, whose w[idx]
+// alone is [V, D]. Where one slice holds all D (the DINO shape: D=256, many row blocks), w[idx] is
+// gathered once and dW summed in a [V, D] buffer.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
     const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
@@ -317,7 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     });
   }
   at::Tensor prototype_buffer = one_slice ? w.index_select(0, id).to(acc) : at::empty({V, Dc}, X.options());
-  // a block's dW slice: its own buffer beside an all-of-w[idx] gather, else the slice buffer once dx is done
+  // dW rows: with one slice, summed over the blocks by the matmul itself (beta = 1) and written into the
+  // dense gradient once; with several, each block's slice lands in the slice buffer once dx is done and is
+  // added to the dense gradient right away
   const at::Tensor dw_buffer = need_grad_w && one_slice ? at::empty({V, D}, X.options()) : prototype_buffer;
   const at::Tensor dz_buffer = at::empty({Bb, V}, X.options());
   const bool z_in_grad_x = need_grad_x && V <= D;
@@ -327,6 +331,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   at::Tensor row_max = at::empty({B}, X.options());
   at::Tensor target_logit = at::empty({B}, X.options());
 
+  auto write_rows_into = [&](at::Tensor& dense, int64_t d0, const at::Tensor& rows, bool accumulate) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_write_rows", [&] {
+      write_rows<scalar_t>(dense.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V, d0, rows.size(1),
+                           rows.data_ptr<scalar_t>(), accumulate);
+    });
+  };
   auto prototypes = [&](int64_t d0, int64_t n) -> at::Tensor {  // w[idx, d0:d0+n] as [V, n]
     if (one_slice) return prototype_buffer;
     at::Tensor out = as_matrix(prototype_buffer, V, n);
@@ -366,16 +376,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
         at::Tensor grad_x_slice = grad_x.narrow(0, b0, nb).narrow(1, d0, n);
         at::mm_out(grad_x_slice, e, prototypes(d0, n));
       }
-      if (need_grad_w) {
+      if (need_grad_w && one_slice) {
+        at::Tensor dw = dw_buffer;
+        at::addmm_out(dw, dw, e.t(), x_block, b0 == 0 ? 0.0 : 1.0, 1.0);
+      } else if (need_grad_w) {
         at::Tensor dw = as_matrix(dw_buffer, V, n);
         at::mm_out(dw, e.t(), x_block.narrow(1, d0, n));
-        AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_write_rows", [&] {
-          write_rows<scalar_t>(grad_w.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V, d0, n,
-                               dw.data_ptr<scalar_t>(), b0 > 0);
-        });
+        write_rows_into(grad_w, d0, dw, b0 > 0);
       }
     }
   }
+  if (need_grad_w && one_slice) write_rows_into(grad_w, 0, dw_buffer, false);
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
   if (need_grad_w) grad_w = grad_w.to(W.scalar_type());  // no copy for float32 / float64 prototypes

@@ -73,6 +73,13 @@ def force_small_chunks(monkeypatch, shape):
     monkeypatch.setenv("PROTO_CE_SLICE_DIMS", str(max(2, shape["D"] // 4 - 1)))
 
 
+def force_small_blocks_whole_slices(monkeypatch, shape):
+    """3 row blocks that each meet all D embedding dimensions at once (the CPU one-pass kernel then gathers
+    w[idx] once and sums the w gradient over the blocks in a [V, D] buffer: its path at the DINO shape)."""
+    force_small_chunks(monkeypatch, shape)
+    monkeypatch.setenv("PROTO_CE_SLICE_DIMS", str(shape["D"]))
+
+
 @pytest.fixture
 def kernels(request, monkeypatch):
     """"one-pass": mean / sum use xent_fused (the default); "two-pass": they use xent_forward/_backward."""
@@ -95,7 +102,7 @@ REDUCTION_PATHS = [("mean", "one-pass"), ("sum", "one-pass"), ("mean", "two-pass
                    ("none", "two-pass")]
 
 
-@pytest.mark.parametrize("chunks", ["auto-chunks", "small-chunks"])
+@pytest.mark.parametrize("chunks", ["auto-chunks", "small-chunks", "small-blocks-whole-slices"])
 @pytest.mark.parametrize("reduction,kernels", REDUCTION_PATHS, indirect=["kernels"],
                          ids=[f"{r}-{k}" for r, k in REDUCTION_PATHS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -103,6 +110,8 @@ REDUCTION_PATHS = [("mean", "one-pass"), ("sum", "one-pass"), ("mean", "two-pass
 def test_matches_reference(shape, dtype, reduction, kernels, chunks, monkeypatch):
     if chunks == "small-chunks":
         force_small_chunks(monkeypatch, shape)
+    elif chunks == "small-blocks-whole-slices":
+        force_small_blocks_whole_slices(monkeypatch, shape)
     inputs = make_inputs(**shape, dtype=dtype)
     upstream = None
     if reduction == "none":  # distinct per-sample weights, so per-row gradients are checked too
