@@ -284,10 +284,7 @@ std::tuple<at::Tensor, at::Tensor> dino_backward_cuda(
       gw.sub_(mm_acc(p_t.to(in).t(), A, acc));
     }
   }
-  if (need_grad_w) {
-    grad_w = at::zeros(w_student.sizes(), w_student.options());
-    grad_w.index_copy_(0, idx, grad_w_idx.mul_(k).to(w_student.scalar_type()));
-  }
+  if (need_grad_w) grad_w = dense_prototype_grad(grad_w_idx.mul_(k), idx, w_student);
   if (need_grad_student) {
     const at::Tensor M = paired_teacher_sum(u.to(acc), B, n_crops, n_global);
     grad_s = Q.mul_(counts).sub_(M).mul_(k).to(student.scalar_type());

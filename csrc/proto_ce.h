@@ -57,6 +57,14 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The dense [K, D] gradient of the prototypes w (in w's dtype): zero, except row idx[v] = rows[v] for the
+// V sampled rows. idx is unique, so every row is written once (index_copy_ stays deterministic).
+inline at::Tensor dense_prototype_grad(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& w) {
+  at::Tensor out = at::zeros(w.sizes(), w.options());
+  out.index_copy_(0, idx, rows.to(w.scalar_type()));
+  return out;
+}
+
 // Argument checks of the kernels. proto_ce.py validates user input first with friendlier messages; these
 // guard direct torch.ops.proto_ce calls. They raise RuntimeError (TORCH_CHECK), which proto_ce.py's public
 // functions turn into ValueError: TORCH_CHECK_VALUE's c10::ValueError, thrown from an extension, crashed

@@ -396,11 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cuda(
   });
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options().dtype(acc));
-  at::Tensor grad_w = at::empty({0}, w.options());
-  if (need_grad_w) {  // dense [K, D] in w's dtype, rows outside idx zero; idx is unique: each row written once
-    grad_w = at::zeros(w.sizes(), w.options());
-    grad_w.index_copy_(0, idx, grad_w_rows.to(w.scalar_type()));
-  }
+  at::Tensor grad_w = need_grad_w ? dense_prototype_grad(grad_w_rows, idx, w) : at::empty({0}, w.options());
   return {loss, grad_x, grad_w, grad_scale};
 }
 
