@@ -126,6 +126,31 @@ def test_matches_reference(shape, dtype, reduction, kernels, chunks, monkeypatch
     assert torch.count_nonzero(outside_idx_rows(got[2], idx)) == 0, "rows of w outside idx got a gradient"
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_non_contiguous_inputs(reduction):
+    """Strided views (every other column of wider tensors, a transposed w, strided idx and labels) give
+    the same loss and gradients as the reference on contiguous copies."""
+    x, w, idx, labels, s = make_inputs(**NARROW_V, dtype=torch.float64)
+    x_view = torch.cat([x, torch.zeros_like(x)], dim=1).view(x.shape[0], 2, -1).transpose(1, 2)[:, :, 0]
+    w_view = w.t().contiguous().t()
+    idx_view = torch.stack([idx, idx], dim=1)[:, 0]
+    labels_view = torch.stack([labels, labels], dim=1)[:, 1]
+    assert not any(t.is_contiguous() for t in (x_view, w_view, idx_view, labels_view))
+    assert torch.equal(x_view, x) and torch.equal(w_view, w)
+
+    def run(fn, x, w, idx, labels):
+        x, w, scale = (t.detach().clone() if t is s else t.detach() for t in (x, w, s))
+        x.requires_grad_(), w.requires_grad_(), scale.requires_grad_()
+        loss = fn(x, w, idx, labels, scale, reduction=reduction).sum()
+        loss.backward()
+        return loss.detach(), x.grad, w.grad, scale.grad
+
+    got = run(proto_cross_entropy, x_view, w_view, idx_view, labels_view)
+    want = run(reference_proto_cross_entropy, x, w, idx, labels)
+    for name, a, b in zip(("loss", "grad_x", "grad_w", "grad_scale"), got, want):
+        assert rel_err(a, b) < 1e-12, name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_inputs_cpu_against_float64(dtype):
     """fp16/bf16 inputs: float32 loss; compared with the float64 loss of the same (rounded) inputs."""
