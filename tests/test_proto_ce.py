@@ -126,11 +126,12 @@ def test_matches_reference(shape, dtype, reduction, kernels, chunks, monkeypatch
     assert torch.count_nonzero(outside_idx_rows(got[2], idx)) == 0, "rows of w outside idx got a gradient"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_non_contiguous_inputs(reduction):
+def test_non_contiguous_inputs(reduction, device):
     """Strided views (every other column of wider tensors, a transposed w, strided idx and labels) give
     the same loss and gradients as the reference on contiguous copies."""
-    x, w, idx, labels, s = make_inputs(**NARROW_V, dtype=torch.float64)
+    x, w, idx, labels, s = make_inputs(**NARROW_V, dtype=torch.float64, device=device)
     x_view = torch.cat([x, torch.zeros_like(x)], dim=1).view(x.shape[0], 2, -1).transpose(1, 2)[:, :, 0]
     w_view = w.t().contiguous().t()
     idx_view = torch.stack([idx, idx], dim=1)[:, 0]
@@ -148,7 +149,7 @@ def test_non_contiguous_inputs(reduction):
     got = run(proto_cross_entropy, x_view, w_view, idx_view, labels_view)
     want = run(reference_proto_cross_entropy, x, w, idx, labels)
     for name, a, b in zip(("loss", "grad_x", "grad_w", "grad_scale"), got, want):
-        assert rel_err(a, b) < 1e-12, name
+        assert rel_err(a, b) < 1e-10, name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
