@@ -84,18 +84,7 @@ void check_idx(const at::Tensor& idx, int64_t K) {
     if (ok.item<bool>()) return;
     host = idx.cpu();
   }
-  host = host.contiguous();
-  const int64_t* id = host.data_ptr<int64_t>();
-  for (int64_t i = 0; i < V; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < K, "proto_ce: idx contains prototype id ", id[i], " outside [0, ", K,
-                ") (the prototypes have ", K, " rows)");
-    if (i > 0) {
-      TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate prototype id ", id[i],
-                  " (idx must be sorted and unique)");
-      TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1], " > idx[", i,
-                  "]=", id[i], "); use torch.sort or torch.unique");
-    }
-  }
+  check_sorted_unique_ids(host, K, "prototype", "the prototypes have");
 }
 
 // Guards for direct torch.ops calls; proto_ce.py checks shapes, dtypes and devices with friendlier messages

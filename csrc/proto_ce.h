@@ -57,6 +57,31 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The values of a sorted id list on the host (a CPU int64 tensor): every id within [0, K), no duplicates,
+// increasing. The first offending entry raises, in the words of proto_ce.py's own checks; `kind` names an
+// id ("class", "prototype") and `rows_owner` what has the K rows ("w has", "the prototypes have"). The
+// CUDA kernels call it on a host copy of idx once their device-side check has found a problem.
+inline void check_sorted_unique_ids(const at::Tensor& host_ids, int64_t K, const char* kind, const char* rows_owner) {
+  const at::Tensor ids = host_ids.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < K, "proto_ce: idx contains ", kind, " id ", id[i], " outside [0, ", K, ") (",
+                rows_owner, " ", K, " rows)");
+    if (i > 0) {
+      TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate ", kind, " id ", id[i],
+                  " (idx must be sorted and unique)");
+      TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1], " > idx[", i,
+                  "]=", id[i], "); use torch.sort or torch.unique");
+    }
+  }
+}
+
+// Raises the error of a label that is not among the sampled classes (labels[b] == label).
+inline void fail_label_not_in_idx(int64_t label, int64_t b) {
+  TORCH_CHECK(false, "proto_ce: labels contain class id ", label, " (labels[", b,
+              "]) which is not in idx; every label must be a sampled class");
+}
+
 // The dense [K, D] gradient of the prototypes w (in w's dtype): zero, except row idx[v] = rows[v] for the
 // V sampled rows. idx is unique, so every row is written once (index_copy_ stays deterministic).
 inline at::Tensor dense_prototype_grad(const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& w) {

@@ -37,23 +37,13 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   const at::Tensor labels_c = labels.contiguous();
   const int64_t V = idx_c.numel();
   const int64_t* id = idx_c.data_ptr<int64_t>();
-  for (int64_t i = 0; i < V; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < num_classes, "proto_ce: idx contains class id ", id[i],
-                " outside [0, ", num_classes, ") (w has ", num_classes, " rows)");
-    if (i > 0) {
-      TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate class id ", id[i],
-                  " (idx must be sorted and unique)");
-      TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1],
-                  " > idx[", i, "]=", id[i], "); use torch.sort or torch.unique");
-    }
-  }
+  check_sorted_unique_ids(idx_c, num_classes, "class", "w has");
   at::Tensor pos = at::empty_like(labels_c);
   const int64_t* lab = labels_c.data_ptr<int64_t>();
   int64_t* out = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < labels_c.numel(); ++b) {
     const int64_t* hit = std::lower_bound(id, id + V, lab[b]);
-    TORCH_CHECK(hit != id + V && *hit == lab[b], "proto_ce: labels contain class id ", lab[b],
-                " (labels[", b, "]) which is not in idx; every label must be a sampled class");
+    if (hit == id + V || *hit != lab[b]) fail_label_not_in_idx(lab[b], b);
     out[b] = hit - id;
   }
   return pos;
@@ -300,6 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   const at::Tensor X = x.contiguous().to(acc);
   const at::Tensor W = w.contiguous();
   const at::Tensor id = idx.contiguous();
+  // the dense w gradient is written at the idx rows: a direct torch.ops call must not write out of bounds
+  check_sorted_unique_ids(id, W.size(0), "class", "w has");
   const at::Tensor tpos = target_pos.contiguous();
   const double s = scale.item<double>();
   const int64_t B = X.size(0), D = X.size(1), V = id.numel();

@@ -177,25 +177,13 @@ at::Tensor label_positions_cuda(const at::Tensor& idx_in, const at::Tensor& labe
   }
   const at::Tensor err_host = err.cpu();  // the op's one device-to-host sync: errors must raise here
   const uint64_t* e = reinterpret_cast<const uint64_t*>(err_host.data_ptr<int64_t>());
-  if (e[0] != kNone) {
-    const int64_t bad = idx[static_cast<int64_t>(e[0])].item<int64_t>();
-    TORCH_CHECK(false, "proto_ce: idx contains class id ", bad, " outside [0, ", num_classes, ") (w has ",
-                num_classes, " rows)");
-  }
-  if (e[1] != kNone) {
-    const int64_t i = static_cast<int64_t>(e[1]);
-    TORCH_CHECK(false, "proto_ce: idx contains duplicate class id ", idx[i].item<int64_t>(),
-                " (idx must be sorted and unique)");
-  }
-  if (e[2] != kNone) {
-    const int64_t i = static_cast<int64_t>(e[2]);
-    TORCH_CHECK(false, "proto_ce: idx is not sorted (idx[", i - 1, "]=", idx[i - 1].item<int64_t>(), " > idx[", i,
-                "]=", idx[i].item<int64_t>(), "); use torch.sort or torch.unique");
+  if (e[0] != kNone || e[1] != kNone || e[2] != kNone) {  // the host scan names the first offending entry
+    check_sorted_unique_ids(idx.cpu(), num_classes, "class", "w has");
+    TORCH_CHECK(false, "proto_ce: idx is not sorted, unique and within [0, ", num_classes, ")");  // (unreachable)
   }
   if (e[3] != kNone) {
     const int64_t b = static_cast<int64_t>(e[3]);
-    TORCH_CHECK(false, "proto_ce: labels contain class id ", labels[b].item<int64_t>(), " (labels[", b,
-                "]) which is not in idx; every label must be a sampled class");
+    fail_label_not_in_idx(labels[b].item<int64_t>(), b);
   }
   return pos;
 }

@@ -410,6 +410,11 @@ def test_kernel_validation_messages():
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.label_positions(bad_idx, labels, 10)
     assert torch.equal(torch.ops.proto_ce.label_positions(idx, torch.tensor([9, 1, 4]), 10), torch.tensor([2, 0, 1]))
+    # xent_fused writes its dense w gradient at the idx rows: called directly, it checks them itself
+    x, w = torch.randn(2, 3), torch.randn(10, 3)
+    for bad_idx, _, message in cases[:3]:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.proto_ce.xent_fused(x, w, bad_idx, torch.tensor([1, 0]), torch.tensor(1.0), True, True, True, True)
 
 
 # ---------------------------------------------------------------------------------------------------
