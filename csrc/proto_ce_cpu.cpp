@@ -303,21 +303,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   const int64_t Dc = slice_dims(D, V * elt, Bb * V * elt, 16);
   const bool one_slice = Dc == D;  // then w[idx] is gathered once and serves every block
 
-  at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
-  at::Tensor grad_w = need_grad_w ? at::empty(W.sizes(), X.options()) : at::empty({0}, W.options());
-  if (need_grad_w) {
+  auto dense_grad_w = [&] {  // [K, D] with the rows outside idx zeroed; the idx rows are written later
+    at::Tensor dense = at::empty(W.sizes(), X.options());
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_zero_rows_outside", [&] {
-      zero_rows_outside<scalar_t>(grad_w.data_ptr<scalar_t>(), W.size(0), D, id.data_ptr<int64_t>(), V);
+      zero_rows_outside<scalar_t>(dense.data_ptr<scalar_t>(), W.size(0), D, id.data_ptr<int64_t>(), V);
     });
-  }
+    return dense;
+  };
+  at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
+  // dW rows: with several slices, each block's slice lands in the slice buffer once dx is done and is added
+  // to the dense gradient right away; with one, they are summed over the blocks by the matmul itself
+  // (beta = 1) and written into the dense gradient after the blocks, once the block buffers are freed
+  // (the dense gradient is the largest tensor here at the DINO shape: [65536, 256])
+  at::Tensor grad_w = need_grad_w && !one_slice ? dense_grad_w() : at::empty({0}, W.options());
   at::Tensor prototype_buffer = one_slice ? w.index_select(0, id).to(acc) : at::empty({V, Dc}, X.options());
-  // dW rows: with one slice, summed over the blocks by the matmul itself (beta = 1) and written into the
-  // dense gradient once; with several, each block's slice lands in the slice buffer once dx is done and is
-  // added to the dense gradient right away
   const at::Tensor dw_buffer = need_grad_w && one_slice ? at::empty({V, D}, X.options()) : prototype_buffer;
-  const at::Tensor dz_buffer = at::empty({Bb, V}, X.options());
+  at::Tensor dz_buffer = at::empty({Bb, V}, X.options());
   const bool z_in_grad_x = need_grad_x && V <= D;
-  const at::Tensor z_buffer = z_in_grad_x ? at::Tensor() : at::empty({Bb, V}, X.options());
+  at::Tensor z_buffer = z_in_grad_x ? at::Tensor() : at::empty({Bb, V}, X.options());
   at::Tensor row_loss = at::empty({B}, X.options());
   at::Tensor row_dscale = at::empty({B}, X.options());
   at::Tensor row_max = at::empty({B}, X.options());
@@ -378,7 +381,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
       }
     }
   }
-  if (need_grad_w && one_slice) write_rows_into(grad_w, 0, dw_buffer, false);
+  if (need_grad_w && one_slice) {
+    prototype_buffer.reset();
+    dz_buffer.reset();
+    z_buffer.reset();
+    grad_w = dense_grad_w();
+    write_rows_into(grad_w, 0, dw_buffer, false);
+  }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
   at::Tensor grad_scale = need_grad_scale ? row_dscale.sum().mul_(row_weight) : at::empty({0}, X.options());
   if (need_grad_w) grad_w = grad_w.to(W.scalar_type());  // no copy for float32 / float64 prototypes
