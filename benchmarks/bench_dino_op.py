@@ -46,7 +46,9 @@ def parse_args():
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--shapes", default=None, help="comma-separated subset of " + ", ".join(SHAPES) +
                         " (default: dino,dino-vanilla on CUDA, cpu-small on CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 5 on CPU, 30 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps at least (default: 5 on CPU, 30 on CUDA)")
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="keep timing until the timed steps of all methods took this long (default: 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--profile", action="store_true",
@@ -106,12 +108,12 @@ def run_shape(name, shape, args, fns):
         sys.exit(f"bench_dino_op.py: error: the implementations disagree on {name}: {losses}")
     steps = {method: (lambda fn=fn: step(fn, inputs)) for method, fn in fns.items()}
     clear = functools.partial(clear_grads, inputs)
-    seconds, _ = time_steps(steps, clear, args.device, args.warmup, args.repeats)
+    seconds, _, rounds = time_steps(steps, clear, args.device, args.warmup, args.repeats, args.min_seconds)
     rows = {method: (seconds[method], *peak_extra_bytes(steps[method], clear, args.device)) for method in fns}
     n_crops = N_GLOBAL + shape["n_local"]
     print(f"\n[{name}] {shape['B']} images x (2 global + {shape['n_local']} local crops): student rows "
           f"{n_crops * shape['B']}, teacher rows {N_GLOBAL * shape['B']}, D={shape['D']} K={shape['K']} "
-          f"V={shape['V']}  dtype={args.dtype} device={args.device}  (median of {args.repeats} fwd+bwd steps "
+          f"V={shape['V']}  dtype={args.dtype} device={args.device}  (median of {rounds} fwd+bwd steps "
           f"after {args.warmup} warm-up)")
     print(f"{'method':<9} {'fwd+bwd ms':>11} {'speed-up vs eager':>18} {'vs compile':>11} {'peak extra MiB':>15} "
           f"{'temporaries MiB':>16} {'temporaries / eager':>20}")

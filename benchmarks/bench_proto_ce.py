@@ -36,7 +36,9 @@ def parse_args():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--shapes", default="sl,dino", help="comma-separated subset of: sl, dino, dino-small")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 10 on CPU, 50 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps at least (default: 10 on CPU, 50 on CUDA)")
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="keep timing until the timed steps of all methods took this long (default: 3)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--profile", action="store_true",
@@ -96,11 +98,12 @@ def run_shape(name, shape, args, fns):
         sys.exit(f"bench_proto_ce.py: error: the implementations disagree on {name}: {losses}")
     steps = {method: (lambda fn=fn: step(fn, inputs)) for method, fn in fns.items()}
     clear = functools.partial(clear_grads, leaves)
-    seconds, cpu_seconds = time_steps(steps, clear, args.device, args.warmup, args.repeats)
+    seconds, cpu_seconds, rounds = time_steps(steps, clear, args.device, args.warmup, args.repeats,
+                                             args.min_seconds)
     rows = {method: (seconds[method], *peak_extra_bytes(steps[method], clear, args.device)) for method in fns}
     desc = " ".join(f"{k}={v}" for k, v in shape.items())
     print(f"\n[{name}] {desc}  dtype={args.dtype}  device={args.device}  "
-          f"(median of {args.repeats} fwd+bwd steps after {args.warmup} warm-up)")
+          f"(median of {rounds} fwd+bwd steps after {args.warmup} warm-up)")
     cpu = args.device == "cpu"
     print(f"{'method':<10} {'fwd+bwd ms':>11} {'speed-up vs eager':>18} "
           + (f"{'cpu-time ms':>12} {'(vs eager)':>10} " if cpu else "")

@@ -28,15 +28,20 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, 
 MIB = 2.0 ** 20
 
 
-def time_steps(steps, clear, device, warmup, repeats):
-    """({method: median wall seconds}, {method: median process CPU seconds, nan on CUDA}) of one step."""
+def time_steps(steps, clear, device, warmup, repeats, min_seconds=0.0):
+    """({method: median wall seconds}, {method: median process CPU seconds, nan on CUDA}, rounds) of one
+    step. Runs at least `repeats` rounds (every method once per round) and keeps going until the rounds
+    have taken `min_seconds`: a millisecond step gets hundreds of samples, whose median is stable on a
+    noisy machine, while a step of seconds still runs `repeats` times only."""
     for step in steps.values():
         for _ in range(warmup):
             clear()
             step()
     wall = {name: [] for name in steps}
     cpu = {name: [] for name in steps}
-    for _ in range(repeats):
+    rounds, started = 0, time.perf_counter()
+    while rounds < repeats or time.perf_counter() - started < min_seconds:
+        rounds += 1
         for name, step in steps.items():
             clear()
             if device == "cuda":
@@ -54,7 +59,7 @@ def time_steps(steps, clear, device, warmup, repeats):
                 cpu[name].append(time.process_time() - start_cpu)
     clear()
     median_cpu = {name: statistics.median(t) if t else float("nan") for name, t in cpu.items()}
-    return {name: statistics.median(t) for name, t in wall.items()}, median_cpu
+    return {name: statistics.median(t) for name, t in wall.items()}, median_cpu, rounds
 
 
 def allocation_events(step, device):
