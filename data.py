@@ -873,7 +873,8 @@ def add_data_args(parser):
                    "mean cosine to its class embedding is 1/sqrt(1+d^2) (the analogue of LAIONet's threshold)")
     g.add_argument("--world-head", default="openclip-vitb32-laion400m",
                    help="text embeddings the synthetic appearance is derived from")
-    g.add_argument("--captions", default="natural", choices=["template", "template-synset", "natural"])
+    g.add_argument("--captions", default=None, choices=["template", "template-synset", "natural"],
+                   help="default: natural where the data has captions, else template")
     g.add_argument("--caption-fields", default="title,description,tags",
                    help="natural captions: comma-separated subset of title,description,tags")
     g.add_argument("--class-prefix", action="store_true", help="prepend the class name to every caption")
@@ -920,7 +921,10 @@ def load_data(args, train_transform=None, test_transform=None):
                "imagefolder": _load_imagefolder, "cifar100-lt": _load_cifar100_lt}
     if opts.data not in loaders:
         raise ValueError(f"--data must be one of {', '.join(loaders)}, got {opts.data!r}")
-    if opts.data != "synthetic" and opts.captions == "natural" and opts.data in ("imagefolder", "cifar100-lt"):
+    has_captions = opts.data not in ("imagefolder", "cifar100-lt")
+    if opts.captions is None:
+        opts.captions = "natural" if has_captions else "template"
+    elif opts.captions == "natural" and not has_captions:
         warnings.warn(f"--data {opts.data} has no captions; using template captions (--captions template)")
         opts.captions = "template"
     if opts.val_root and opts.data == "synthetic":

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -440,8 +441,12 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
         for k in range(n):
             png(str(root / "train" / name / f"{k}.png"))
         png(str(root / "val" / name / "v.png"))
+    folder = ("--data", "imagefolder", "--data-root", str(root), "--image-size", "8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # template captions are the default where the data has none
+        d = data.load_data(opts(tmp_path, *folder))
     with pytest.warns(UserWarning, match="no captions; using template captions"):
-        d = data.load_data(opts(tmp_path, "--data", "imagefolder", "--data-root", str(root), "--image-size", "8"))
+        assert data.load_data(opts(tmp_path, *folder, "--captions", "natural")).train[0][2] == d.train[0][2]
     assert d.classnames == ["cats", "dogs"] and d.train_counts.tolist() == [3, 1] and d.imagenet_ids == [-1, -1]
     assert d.train[0][2] in {t("cats") for t in data.caption_templates()}  # template captions
     # ImageNet-V2 layout (folders named by class index) as an extra evaluation set of a synthetic run
