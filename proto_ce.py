@@ -105,7 +105,8 @@ def proto_cross_entropy(x, w, idx, labels, logit_scale, reduction="mean"):
 
     x [B, D], w [K, D], idx [V] int64 sorted unique, labels [B] int64 class ids (all in idx), logit_scale
     0-d. reduction: "mean" | "sum" | "none" (per-sample losses [B]). Uses the compiled kernels where
-    available (see backend()), else the reference.
+    available (see backend()), else the reference. torch.autocast does not change the kernels: they
+    compute in x's dtype (fp16 / bf16 accumulated in float32), inside an autocast region as outside.
     """
     _check_inputs(x, w, idx, labels, logit_scale, reduction)
     if not _extension_handles(x.device):

@@ -5,6 +5,7 @@
 // autograd formula in proto_ce_autograd.cpp; the other autograd formulas and the fake (meta) kernels used
 // by torch.compile are registered from proto_ce.py.
 #include <Python.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(proto_ce, m) {
@@ -35,6 +36,26 @@ TORCH_LIBRARY(proto_ce, m) {
   m.def(
       "xent_backward(Tensor grad_loss, Tensor x, Tensor w, Tensor idx, Tensor target_pos, Tensor scale, "
       "Tensor lse, bool need_grad_x, bool need_grad_w, bool need_grad_scale) -> (Tensor, Tensor, Tensor)");
+}
+
+// Under torch.autocast every op of the library runs as written, in the dtype of its inputs (the kernels
+// accumulate fp16 / bf16 in float32 themselves). Custom ops have no autocast kernel of their own, so
+// without this one an enclosing autocast region would stay active inside the kernels and turn their
+// float32 matmuls into bf16 ones (a dtype error in the middle of a kernel).
+void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+constexpr const char* kOps[] = {"label_positions", "xent_forward", "xent_fused", "xent_backward",
+                                "dino_forward",    "dino_backward"};
+
+TORCH_LIBRARY_IMPL(proto_ce, AutocastCPU, m) {
+  for (const char* name : kOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+}
+
+TORCH_LIBRARY_IMPL(proto_ce, AutocastCUDA, m) {
+  for (const char* name : kOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
 }
 
 // Build information that proto_ce.py reads from the file (without loading it) to decide whether a

@@ -171,6 +171,17 @@ def test_torch_compile():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_autocast_leaves_the_op_unchanged(device):
+    """Inside torch.autocast the op computes in its inputs' dtype, exactly as outside."""
+    inp = make_inputs(B=6, D=24, K=200, V=70, n_global=2, n_local=3, dtype=torch.float32, device=device)
+    want = loss_and_grads(proto_ce.dino_proto_loss, inp)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        got = loss_and_grads(proto_ce.dino_proto_loss, inp)
+    for a, b in zip(got[:4], want[:4]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_bit_identical_second_run():
     inp = make_inputs(B=40, D=64, K=3000, V=1500, n_global=2, n_local=4, dtype=torch.float32)
     first = loss_and_grads(proto_ce.dino_proto_loss, inp)

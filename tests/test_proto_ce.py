@@ -152,6 +152,20 @@ def test_non_contiguous_inputs(reduction, device):
         assert rel_err(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_leaves_the_op_unchanged(reduction, device):
+    """Inside torch.autocast the op computes in its inputs' dtype, exactly as outside (its kernels call
+    matmuls that autocast would otherwise turn into bf16 ones), forward and backward."""
+    inputs = make_inputs(**NARROW_V, device=device)
+    upstream = torch.linspace(0.5, 2.0, NARROW_V["B"]) if reduction == "none" else None
+    want = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction, upstream=upstream)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        got = loss_and_grads(proto_cross_entropy, *inputs, reduction=reduction, upstream=upstream)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_inputs_cpu_against_float64(dtype):
     """fp16/bf16 inputs: float32 loss; compared with the float64 loss of the same (rounded) inputs."""
