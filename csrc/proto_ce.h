@@ -122,4 +122,13 @@ inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at
   }
 }
 
+// xent_backward's per-row inputs: one upstream gradient and one saved log-sum-exp per row of x.
+inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
+  for (const at::Tensor* t : {&grad_loss, &lse}) {
+    TORCH_CHECK(t->dim() == 1 && t->numel() == x.size(0) && t->device() == x.device(),
+                "proto_ce: grad_loss and lse must be 1-d with one entry per row of x (B = ", x.size(0),
+                "), on x's device");
+  }
+}
+
 }  // namespace proto_ce

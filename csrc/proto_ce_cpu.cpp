@@ -49,6 +49,17 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
   return pos;
 }
 
+// Every target position within [0, V): the row loops index the logits with it. proto_ce.py computes the
+// positions with label_positions; this guards direct torch.ops calls (a read out of bounds otherwise).
+void check_target_positions(const at::Tensor& target_pos, int64_t V) {
+  const at::Tensor tpos = target_pos.contiguous();
+  const int64_t* t = tpos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < tpos.numel(); ++b) {
+    TORCH_CHECK(t[b] >= 0 && t[b] < V, "proto_ce: target_pos[", b, "]=", t[b], " is outside [0, ", V,
+                ") (V = idx.numel())");
+  }
+}
+
 // Copies, for every row b whose target lies in the chunk [c0, c0 + n), logits[b, target - c0] into
 // picked[b] (forward), or subtracts grad[b] there (backward: softmax - onehot).
 template <typename acc_t>
@@ -79,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor> xent_forward_cpu(const at::Tensor& x, const a
                                                     const at::Tensor& idx, const at::Tensor& target_pos,
                                                     const at::Tensor& scale) {
   check_kernel_args(x, w, idx, target_pos, scale);
+  check_target_positions(target_pos, idx.numel());
   const auto acc = acc_dtype(x.scalar_type());
   const at::Tensor X = x.contiguous().to(acc);  // no copy for float32 / float64 inputs
   const at::Tensor tpos = target_pos.contiguous();
@@ -104,6 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cpu(
     const at::Tensor& target_pos, const at::Tensor& scale, const at::Tensor& lse, bool need_grad_x,
     bool need_grad_w, bool need_grad_scale) {
   check_kernel_args(x, w, idx, target_pos, scale);
+  check_backward_args(grad_loss, lse, x);
+  check_target_positions(target_pos, idx.numel());
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t B = x.size(0), D = x.size(1), V = idx.numel();
   at::Tensor grad_x = need_grad_x ? at::zeros({B, D}, x.options().dtype(acc)) : at::empty({0}, x.options());
@@ -292,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   const at::Tensor id = idx.contiguous();
   // the dense w gradient is written at the idx rows: a direct torch.ops call must not write out of bounds
   check_sorted_unique_ids(id, W.size(0), "class", "w has");
+  check_target_positions(target_pos, id.numel());
   const at::Tensor tpos = target_pos.contiguous();
   const double s = scale.item<double>();
   const int64_t B = X.size(0), D = X.size(1), V = id.numel();

@@ -271,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_backward_cuda(
     const at::Tensor& target_pos_in, const at::Tensor& scale, const at::Tensor& lse_in, bool need_grad_x,
     bool need_grad_w, bool need_grad_scale) {
   check_kernel_args(x, w, idx_in, target_pos_in, scale);
+  check_backward_args(grad_loss, lse_in, x);
   c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t B = x.size(0), D = x.size(1);

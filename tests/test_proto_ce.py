@@ -429,6 +429,20 @@ def test_kernel_validation_messages():
     for bad_idx, _, message in cases[:3]:
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.xent_fused(x, w, bad_idx, torch.tensor([1, 0]), torch.tensor(1.0), True, True, True, True)
+    # the row loops index the logits with target_pos: called directly, the kernels check its range
+    one, good_pos = torch.tensor(1.0), torch.tensor([1, 0])
+    for bad_pos, message in [(torch.tensor([1, 3]), "target_pos[1]=3 is outside [0, 3)"),
+                             (torch.tensor([-1, 0]), "target_pos[0]=-1 is outside [0, 3)")]:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.proto_ce.xent_fused(x, w, idx, bad_pos, one, True, True, True, True)
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.proto_ce.xent_forward(x, w, idx, bad_pos, one)
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.proto_ce.xent_backward(torch.ones(2), x, w, idx, bad_pos, one, torch.zeros(2), True, True, True)
+    _, lse = torch.ops.proto_ce.xent_forward(x, w, idx, good_pos, one)
+    for grad_loss, saved_lse in [(torch.ones(1), lse), (torch.ones(2), lse[:1]), (torch.ones(2, 1), lse)]:
+        with pytest.raises(RuntimeError, match=re.escape("grad_loss and lse must be 1-d with one entry per row")):
+            torch.ops.proto_ce.xent_backward(grad_loss, x, w, idx, good_pos, one, saved_lse, True, True, True)
 
 
 # ---------------------------------------------------------------------------------------------------
