@@ -310,10 +310,8 @@ def evaluate_and_write(model, tokenizer, data, train_counts, out, dist, args, ex
     for name, dataset in sorted(data.extra_eval.items()):
         preds, labels, features = zero_shot_predict(model, classifier, dataset, dist, args)
         if dist.is_main:
-            sub = metrics.write_eval_outputs(os.path.join(out, f"extra-{name}"), preds, labels, train_counts,
-                                             data.classnames, features, classifier, data.tail_classes)
-            extra.update({f"top1_{name}": sub["top1"], f"corr_acc_{name}": sub["corr_acc"],
-                          f"corr_pred_{name}": sub["corr_pred"]})
+            extra.update(metrics.write_extra_eval_outputs(out, name, preds, labels, train_counts, data.classnames,
+                                                          features, classifier, data.tail_classes))
     preds, labels, features = zero_shot_predict(model, classifier, data.test, dist, args)
     if not dist.is_main:
         return None

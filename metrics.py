@@ -526,6 +526,16 @@ def write_eval_outputs(out_dir, preds, labels, train_counts, classnames, feature
     return final
 
 
+def write_extra_eval_outputs(run_dir, name, preds, labels, train_counts, classnames, features=None,
+                             classifier=None, tail_classes=None):
+    """write_eval_outputs for an extra evaluation set (--extra-eval NAME=DIR, e.g. ImageNet-V2) into
+    run_dir/extra-NAME/; returns its headline numbers as the run's final.json keeps them:
+    top1_NAME, corr_acc_NAME, corr_pred_NAME."""
+    sub = write_eval_outputs(os.path.join(run_dir, f"extra-{name}"), preds, labels, train_counts, classnames,
+                             features, classifier, tail_classes)
+    return {f"{key}_{name}": sub[key] for key in ("top1", "corr_acc", "corr_pred")}
+
+
 def load_eval(run_dir):
     """Read run_dir/eval.npz -> dict of the arrays write_eval_outputs stored (missing ones None)."""
     if not os.path.isdir(run_dir):

@@ -15,6 +15,7 @@ the head it also generalises to classes seen once or never (the extreme long tai
 import argparse
 import math
 import os
+import sys
 import time
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, two spinning threads
@@ -38,10 +39,13 @@ import proto_ce  # noqa: E402
 # per-GPU batch of ImageNet's 1,000 classes), a 128-image one ~70. Explicit flags override these.
 RECIPES = {
     "paper": dict(model="rn50", epochs=90, batch_size=256, base_lr=0.1, momentum=0.9, weight_decay=1e-4,
-                  workers=8),
+                  workers=8, voc_scope="local"),
     "default": dict(model="rn-small", epochs=5, batch_size=16, base_lr=0.1, momentum=0.9, weight_decay=1e-4,
-                    workers=0),
+                    workers=0, voc_scope="global"),
 }
+# --voc-scope local in the paper recipe: the paper's code draws a vocabulary per GPU, from 256 / 4 = 64
+# images (~62 of ImageNet's classes); drawn from all 256 (~220 classes) a --voc of 100 or 200 would be
+# no smaller than the batch's own classes and change nothing.
 # CLIP's modified ResNet (open_clip): RN50, and a small one for 32 px images (Sec. 3.1 / Appx. C.4)
 LR_STEPS = (30 / 90, 50 / 90, 70 / 90)
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64), "rn-small": dict(layers=[1, 1, 1, 1], width=16)}
@@ -68,8 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--voc", type=int, default=0, help="classes per iteration's vocabulary; 0 = all classes")
     p.add_argument("--voc-sampling", default="freq", choices=["freq", "sqrt", "uniform"],
                    help="fill classes drawn prop. to training frequency, its square root, or uniformly")
-    p.add_argument("--voc-scope", default="global", choices=["global", "local"],
-                   help="global: one vocabulary from all processes' labels; local: per process (the paper's code)")
+    p.add_argument("--voc-scope", default=None, choices=["global", "local"],
+                   help=recipe_help("voc_scope", "global: one vocabulary from all processes' labels; local: one per "
+                                    "process, from its share of the batch (the paper's code)"))
     p.add_argument("--head", default="learnable", choices=["learnable", "frozen", "finetune"],
                    help="class prototypes: trained from scratch, frozen from --head-file, or initialised from it")
     p.add_argument("--head-file", default=None, help="shipped head name (clip-rn50, ...) or a [C or 1000, D] tensor file")
@@ -88,7 +93,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     recipe = RECIPES[args.recipe]
-    for key in ("model", "epochs", "batch_size", "momentum", "weight_decay", "workers"):
+    for key in ("model", "epochs", "batch_size", "momentum", "weight_decay", "workers", "voc_scope"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     if args.lr is None:
@@ -100,7 +105,8 @@ def parse_args(argv=None):
     except ValueError:
         raise ValueError(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}") from None
     for name, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--voc", args.voc, 0), ("--workers", args.workers, 0)]:
+                             ("--voc", args.voc, 0), ("--workers", args.workers, 0), ("--seed", args.seed, 0),
+                             ("--eval-batch-size", args.eval_batch_size, 1)]:
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not args.lr > 0:
@@ -365,12 +371,23 @@ def main(argv=None):
         if dist.is_main:
             print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} lr {lr:.4g} "
                   f"voc {record['voc_effective']:.1f} scale {record['logit_scale']:.2f} {record['time']:.0f}s")
+            if epoch == start_epoch and 0 < args.voc and record["voc_effective"] > 1.1 * args.voc:
+                print(f"warning: the vocabularies averaged {record['voc_effective']:.0f} classes, more than --voc "
+                      f"{args.voc}: a vocabulary always holds its batch's classes, and these batches hold more. "
+                      "Fewer images per vocabulary (--voc-scope local under torchrun, or a smaller --batch-size) "
+                      "let --voc act", file=sys.stderr)
 
+    prototypes = F.normalize(raw_model.prototypes.detach().float(), dim=-1).cpu()
+    extra = dict(voc_effective=voc_total / max(steps_total, 1),
+                 logit_scale=raw_model.log_logit_scale.exp().clamp(max=100).item(), epochs=args.epochs)
+    for name, dataset in sorted(longtail.extra_eval.items()):  # --extra-eval NAME=DIR, e.g. ImageNet-V2
+        features, preds, labels = evaluate(raw_model, dataset, dist, args, log_prior)
+        if dist.is_main:
+            extra.update(metrics.write_extra_eval_outputs(args.out, name, preds, labels, longtail.train_counts,
+                                                          longtail.classnames, features, prototypes,
+                                                          longtail.tail_classes))
     features, preds, labels = evaluate(raw_model, longtail.test, dist, args, log_prior)
     if dist.is_main:
-        prototypes = F.normalize(raw_model.prototypes.detach().float(), dim=-1).cpu()
-        extra = dict(voc_effective=voc_total / max(steps_total, 1),
-                     logit_scale=raw_model.log_logit_scale.exp().clamp(max=100).item(), epochs=args.epochs)
         final = metrics.write_eval_outputs(args.out, preds, labels, longtail.train_counts, longtail.classnames,
                                            features=features, classifier=prototypes,
                                            tail_classes=longtail.tail_classes, extra=extra)

@@ -14,6 +14,7 @@ import pytest
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import sl_tail
@@ -409,11 +410,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, cache_dir
 
 def test_frozen_head_on_zero_shot_tail(tmp_path, cache_dir):
     out = str(tmp_path / "frozen")
-    _run(["--num-train", "600", "--num-test-per-class", "5", "--batch-size", "32", "--epochs", "1",
-          "--head", "frozen", "--head-file", "clip-rn50", "--voc", "10", "--trim-tail", "10", "--tail-shots", "0",
-          "--out", out], cache_dir)
+    # an extra evaluation set in ImageNet-V2's layout (folders named by ImageNet class index): 3 classes
+    in100 = data.imagenet100_ids()
+    v2 = tmp_path / "v2"
+    for k, imagenet_id in enumerate([in100[0], in100[3], in100[7]]):
+        for j in range(k + 1):
+            folder = v2 / str(imagenet_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((12, 12, 3), 40 * (k + j), dtype=np.uint8)).save(folder / f"{j}.png")
+    proc = _run(["--num-train", "600", "--num-test-per-class", "5", "--batch-size", "32", "--epochs", "1",
+                 "--head", "frozen", "--head-file", "clip-rn50", "--voc", "10", "--trim-tail", "10", "--tail-shots",
+                 "0", "--extra-eval", f"v2={v2}", "--out", out], cache_dir)
     final = _final(out)
+    # a 32-image batch holds ~25 classes, more than --voc 10: the run says that --voc could not act
+    assert final["voc_effective"] > 11 and "warning: the vocabularies averaged" in proc.stderr
     assert final["top1_tail"] is not None and final["top1_other"] is not None
+    extra = np.load(os.path.join(out, "extra-v2", "eval.npz"))
+    assert sorted(extra["labels"].tolist()) == [0, 3, 3, 7, 7, 7]
+    assert final["top1_v2"] == pytest.approx(np.mean(extra["preds"] == extra["labels"]))
+    assert _final(os.path.join(out, "extra-v2"))["num_eval"] == 6
     aff = np.load(os.path.join(out, "affinity.npz"))
     assert aff["is_tail"].sum() == 10 and aff["affinity"].shape == (20, 20)
     # the head stayed the shipped CLIP prototypes: its affinities are those of the file's rows
@@ -436,6 +451,8 @@ def test_frozen_head_on_zero_shot_tail(tmp_path, cache_dir):
     (["--head-file", "clip-rn50"], "--head-file needs --head frozen"),
     (["--head", "frozen", "--head-file", "/nonexistent/head.pt"], "head not found"),
     (["--amp", "--device", "cpu"], "--amp needs a CUDA GPU"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
 ])
 def test_bad_flags(flags, message, tmp_path, cache_dir):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("-", r"\-")):
