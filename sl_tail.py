@@ -139,7 +139,13 @@ class PrototypeClassifier(torch.nn.Module):
         """-> l2-normalised features [B, D] (float32), l2-normalised prototypes [C, D], logit scale."""
         features = F.normalize(self.encoder(images).float(), dim=-1)
         prototypes = F.normalize(self.prototypes.float(), dim=-1)
-        return features, prototypes, self.log_logit_scale.exp().clamp(max=100.0)
+        return features, prototypes, self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def cap_logit_scale(self):
+        """After each optimizer step: s <= 100, as CLIP caps it. On the parameter, not in forward(), where a
+        clamp would stop its gradient and keep it at 100 for good."""
+        self.log_logit_scale.clamp_(max=math.log(100))
 
 
 def build_model(args, num_classes, image_size, head):
@@ -353,6 +359,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            raw_model.cap_logit_scale()
             sums += torch.tensor([global_loss.item(), len(idx), 1], dtype=torch.float64)
         scheduler.step()
 
@@ -363,7 +370,7 @@ def main(argv=None):
         voc_total, steps_total = voc_total + sums[1].item(), steps_total + int(sums[2])
         record = dict(epoch=epoch, loss=sums[0].item() / sums[2].item(), lr=lr,
                       voc_effective=sums[1].item() / sums[2].item(),
-                      logit_scale=raw_model.log_logit_scale.exp().clamp(max=100).item(), time=time.time() - start)
+                      logit_scale=raw_model.log_logit_scale.exp().item(), time=time.time() - start)
         run_dir.log_epoch(record)
         run_dir.save(dict(epoch=epoch + 1, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                           scheduler=scheduler.state_dict(), rng=data.rng_state(), voc_total=voc_total,
@@ -379,7 +386,7 @@ def main(argv=None):
 
     prototypes = F.normalize(raw_model.prototypes.detach().float(), dim=-1).cpu()
     extra = dict(voc_effective=voc_total / max(steps_total, 1),
-                 logit_scale=raw_model.log_logit_scale.exp().clamp(max=100).item(), epochs=args.epochs)
+                 logit_scale=raw_model.log_logit_scale.exp().item(), epochs=args.epochs)
     for name, dataset in sorted(longtail.extra_eval.items()):  # --extra-eval NAME=DIR, e.g. ImageNet-V2
         features, preds, labels = evaluate(raw_model, dataset, dist, args, log_prior)
         if dist.is_main:

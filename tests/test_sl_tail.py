@@ -267,7 +267,11 @@ def test_head_modes_and_logit_scale(head):
     assert float(scale.detach()) == pytest.approx(1 / 0.07, rel=1e-5)            # CLIP's initial temperature
     with torch.no_grad():
         model.log_logit_scale.fill_(np.log(500.0))
-    assert float(model.eval()(torch.randn(2, 3, 32, 32))[2].detach()) == 100.0     # capped at 100
+    model.cap_logit_scale()
+    scale = model.eval()(torch.randn(2, 3, 32, 32))[2]
+    assert float(scale.detach()) == pytest.approx(100.0)                          # capped at 100 ...
+    scale.backward()
+    assert model.log_logit_scale.grad.item() == pytest.approx(100.0)              # ... and still trainable
 
 
 class _FixedFeatures(torch.nn.Module):
