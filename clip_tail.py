@@ -47,8 +47,8 @@ from data import (LongTailData, RunDir, add_data_args, all_gather_cat, check_fin
                   load_checkpoint, load_data, rng_state, run_cli, save_checkpoint, seed_everything, select_classes,
                   set_rng_state, sync_batchnorm, train_loader, write_json)
 
-# The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 32 at 32 px and a
-# 3-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
+# The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
+# 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
 MODEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata", "model_configs")
 open_clip.add_model_config(MODEL_CONFIGS)
 
@@ -127,7 +127,14 @@ def parse_args(argv=None):
                          "pre-trained text tower use --text-init")
     if args.eval_only and not (args.pretrained or args.checkpoint or args.resume):
         raise ValueError("--eval-only needs --pretrained MODEL:TAG, --checkpoint FILE or --resume (the run in --out)")
+    check_model_name(args.model, "--model")
     return args
+
+
+def check_model_name(name, flag):
+    if name not in open_clip.list_models():
+        raise ValueError(f"{flag}: {name!r} is not an open_clip model (see open_clip.list_models(): e.g. RN50, "
+                         "ViT-B-32, or this toolkit's RN-tiny, RN-micro)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -364,16 +371,14 @@ def default_image_size(args):
 # ------------------------------------------------------------------------------------------------------
 
 def pretrained_model(name, tag, device):
-    """An open_clip model with its pretrained weights from the local cache, and its test transform."""
-    from torchvision.transforms import v2
+    """An open_clip model with its pretrained weights from the local cache, and its test transform:
+    open_clip's own (shorter side resized, centre crop, the weights' mean / std)."""
     path = cached_pretrained_file(name, tag)
     cfg = open_clip.get_pretrained_cfg(name, tag) if not os.path.isfile(tag) else {}
     model = open_clip.create_model(name, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu")), device=device)
-    size = model.visual.image_size
-    transform = v2.Compose([v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                            v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                                         cfg.get("std", open_clip.OPENAI_DATASET_STD))])
+    transform = open_clip.image_transform(model.visual.image_size, is_train=False, mean=cfg.get("mean"),
+                                          std=cfg.get("std"), resize_mode=cfg.get("resize_mode"),
+                                          interpolation=cfg.get("interpolation"))
     return model, transform
 
 
@@ -397,6 +402,7 @@ def evaluate_pretrained(args, dist):
             parts = [args.model] + parts
         if len(parts) not in (2, 3) or not all(parts):
             raise ValueError(f"--pretrained {spec!r}: expected MODEL:TAG[:FREQ] (or TAG with --model)")
+        check_model_name(parts[0], f"--pretrained {spec}")
         entries.append((parts[0], parts[1], parts[2] if len(parts) == 3 else args.freq_table))
     validation_only = args.data == "synthetic" and args.val_root
     for name, tag, freq in entries:  # all weights (and frequency tables) present before any work starts

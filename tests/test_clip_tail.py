@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import open_clip
 import pytest
 import scipy.special
 import torch
@@ -391,6 +392,25 @@ def test_eval_only_pretrained_on_val_folder(reference_run, tmp_path, monkeypatch
     assert rows[0]["top1"] == pytest.approx(float((saved["preds"] == saved["labels"]).mean()))
 
 
+def test_pretrained_test_transform_keeps_the_aspect_ratio(tmp_path):
+    """A ViT's image_size is (h, w): the test transform must still resize the shorter side and crop the
+    centre (CLIP's preprocessing), not squash the image to a square."""
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+    config = dict(embed_dim=16, vision_cfg=dict(image_size=64, layers=1, width=64, patch_size=32),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    (tmp_path / "ViT-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "ViT-test.json"))
+    weights = tmp_path / "vit.pt"
+    torch.save(open_clip.create_model("ViT-test").state_dict(), weights)
+    model, transform = clip_tail.pretrained_model("ViT-test", str(weights), "cpu")
+    assert tuple(model.visual.image_size) == (64, 64)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 150, 3), dtype=np.uint8))
+    by_hand = TF.center_crop(TF.resize(image, 64, interpolation=TF.InterpolationMode.BICUBIC), 64)
+    by_hand = TF.normalize(TF.to_tensor(by_hand), open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(transform(image), by_hand, atol=1e-5, rtol=0)
+
+
 def test_cached_pretrained_tag_is_found_offline(tmp_path, monkeypatch):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
@@ -421,9 +441,11 @@ def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys
     (["--eval-only"], ["--pretrained", "--checkpoint"]),
     (["--text-init", "RN-micro:no_such_tag"], ["no_such_tag"]),
     (["--epochs", "0"], ["--epochs"]),
+    (["--model", "NoSuchNet"], ["--model", "'NoSuchNet' is not an open_clip model"]),
+    (["--eval-only", "--pretrained", "NoSuchNet:openai"], ["--pretrained NoSuchNet:openai", "not an open_clip model"]),
 ])
 def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
-    code, err = run_in_process([*flags, "--model", "RN-micro", "--out", str(tmp_path / "x")], monkeypatch, capsys)
+    code, err = run_in_process(["--model", "RN-micro", *flags, "--out", str(tmp_path / "x")], monkeypatch, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clip_tail.py: error:") and all(w in lines[0] for w in words), err
