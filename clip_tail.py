@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402 (after the OpenMP setting)
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
+import torchvision.transforms as T
 from open_clip.factory import load_state_dict
 from open_clip.loss import ClipLoss
 from tqdm import tqdm
@@ -413,7 +414,11 @@ def evaluate_pretrained(args, dist):
     rows = []
     for name, tag, freq in entries:
         model, transform = pretrained_model(name, tag, dist.device)
-        data = validation_only_data(args, transform) if validation_only else load_data(args, test_transform=transform)
+        if validation_only:
+            data = validation_only_data(args, transform)
+        else:  # the synthetic world's images are uint8 tensors; open_clip's transform reads PIL images
+            pil_first = T.Compose([T.ToPILImage(), transform]) if args.data == "synthetic" else transform
+            data = load_data(args, test_transform=pil_first)
         out = os.path.join(args.out, f"{name}_{os.path.basename(tag)}".replace("/", "-"))
         final = evaluate_and_write(model, open_clip.get_tokenizer(name), data, class_frequencies(data, freq), out,
                                    dist, args, extra=dict(model=name, pretrained=tag, freq_table=freq))

@@ -346,6 +346,19 @@ def test_eval_only_on_own_checkpoint(reference_run, world_cache, tmp_path, monke
     assert read_final(out)["epochs_trained"] == EPOCHS
 
 
+def test_eval_only_pretrained_on_the_synthetic_world(reference_run, world_cache, tmp_path, monkeypatch, capsys):
+    """--pretrained weights evaluated on the synthetic world (uint8 tensor images through open_clip's PIL
+    transform): the same predictions as the training run's own evaluation of those weights."""
+    out = tmp_path / "pre-synthetic"
+    spec = f"RN-micro:{reference_run / 'checkpoint.pt'}"
+    code, err = run_in_process([*tiny_flags(world_cache), "--eval-only", "--pretrained", spec, "--out", str(out)],
+                               monkeypatch, capsys)
+    assert code == 0, err
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    got, ref = read_eval(run_dir), read_eval(reference_run)
+    assert got["labels"].tolist() == ref["labels"].tolist() and (got["preds"] == ref["preds"]).mean() >= 0.95
+
+
 def test_eval_only_without_weights_fails_clearly(tmp_path, monkeypatch, capsys):
     import huggingface_hub
     monkeypatch.setenv("HOME", str(tmp_path))  # open_clip's URL cache: ~/.cache/clip
