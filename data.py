@@ -825,6 +825,7 @@ class LongTailData:
     test: Dataset                    # items (image, label)
     tail_classes: np.ndarray = None  # classes cut by --trim-tail (Sec. 4.1), else None
     open_world_names: list = field(default_factory=list)   # concepts only in images+captions (Sec. 3.6)
+    open_world_ids: list = field(default_factory=list)     # their ImageNet-1k indices
     extra_eval: dict = field(default_factory=dict)         # name -> Dataset of (image, label)
     freq_table_path: str = None      # the frequency table written for a trimmed-tail variant
     info: dict = field(default_factory=dict)               # what was loaded (for args.json / logs)
@@ -911,12 +912,14 @@ def _caption_args(opts):
     return dict(kind=opts.captions, fields=fields, class_prefix=bool(opts.class_prefix))
 
 
-def load_data(args, train_transform=None, test_transform=None):
+def load_data(args, train_transform=None, test_transform=None, need_test=True):
     """Build the data the flags describe (see add_data_args). Transforms default to
     default_transforms(): the paper's light RandomResizedCrop + CLIP normalisation (synthetic images
     are uint8 tensors, real ones PIL). Variants (--subset-frac, --subset-size, --freq-match,
-    --trim-tail) are applied in that order, then --extra-eval sets are attached."""
+    --trim-tail) are applied in that order, then --extra-eval sets are attached. need_test=False (DINO's
+    pre-training, which evaluates on other data): real data without a test set gets test None."""
     opts = _data_options(args)
+    opts.need_test = need_test
     loaders = {"synthetic": _load_synthetic, "incaps": _load_incaps, "tsv": _load_tsv,
                "imagefolder": _load_imagefolder, "cifar100-lt": _load_cifar100_lt}
     if opts.data not in loaders:
@@ -978,7 +981,7 @@ def _load_synthetic(opts, train_transform, test_transform):
     names, syns = imagenet_classnames(), imagenet_synonyms()
     data = LongTailData(classnames=[names[c] for c in class_ids], synonyms=[syns[c] for c in class_ids],
                         imagenet_ids=list(class_ids), train_counts=np.asarray(counts, dtype=np.int64),
-                        train=train, test=test, open_world_names=[names[c] for c in ow_ids],
+                        train=train, test=test, open_world_names=[names[c] for c in ow_ids], open_world_ids=list(ow_ids),
                         info=dict(data="synthetic", world=spec.key(), profile=opts.profile))
     return data
 
@@ -1153,6 +1156,8 @@ def _imagenet_concepts(ids):
 
 def _real_test(opts, data_root, classnames, imagenet_ids, transform):
     val = opts.val_root or (os.path.join(data_root, "val") if data_root and os.path.isdir(os.path.join(data_root, "val")) else None)
+    if not val and not opts.need_test:
+        return None
     if not val:
         raise ValueError(f"--data {opts.data} needs a test set: --val-root DIR (ImageFolder, wnid folders)"
                          + (f" or {os.path.join(data_root, 'val')}" if data_root else ""))
@@ -1227,7 +1232,8 @@ def _load_incaps(opts, train_transform, test_transform):
     test = _real_test(opts, root, classnames, class_ids, test_transform or d_test)
     return LongTailData(classnames=classnames, synonyms=[syns[c] for c in class_ids], imagenet_ids=list(class_ids),
                         train_counts=_label_counts(labels, len(class_ids)), train=train, test=test,
-                        open_world_names=[names[c] for c in ow_ids], info=dict(data="incaps", json=json_path))
+                        open_world_names=[names[c] for c in ow_ids], open_world_ids=list(ow_ids),
+                        info=dict(data="incaps", json=json_path))
 
 
 def _label_counts(labels, num_classes):

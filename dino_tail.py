@@ -61,6 +61,8 @@ RECIPES = {
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
           "rn-small": dict(layers=[1, 1, 1, 1], width=16, output_dim=256)}
 # Linear-probe metric of each downstream set (ssl-transfer's choices, which the paper's Table 2 follows)
+TRANSFER_SETS = ("cifar10", "cifar100", "dtd", "flowers102", "food101", "oxford_pets", "stanford_cars", "fgvc_aircraft",
+                 "caltech101", "sun397", "voc2007")  # torchvision data sets real_transfer_splits reads
 PROBE_METRICS = {"fgvc_aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers102": "mean_per_class",
                  "oxford_pets": "mean_per_class", "voc2007": "map11"}
 
@@ -124,7 +126,8 @@ def parse_args(argv=None):
                    "per class (20%% of them become the validation split)")
     g.add_argument("--probe-test-per-class", type=int, default=20)
     g.add_argument("--probe-max-iter", type=int, default=100, help="L-BFGS iterations per fit")
-    g.add_argument("--probe-image-size", type=int, default=None, help="real data: resize/centre-crop size (224)")
+    g.add_argument("--probe-image-size", type=int, default=None,
+                   help="probe and utilisation images are resized to this (default: --global-size)")
     data.add_data_args(p)
     # The embedded default world for DINO: 6000 images of the ImageNet-100 classes with LAIONet's class
     # frequencies (the imbalanced pre-training set of Sec. 4.2; --profile uniform gives the balanced one).
@@ -141,8 +144,10 @@ def parse_args(argv=None):
                  "probe_train_per_class", "probe_test_per_class", "probe_max_iter"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.local_crops < 0 or args.warmup_epochs < 0 or args.voc < 0:
-        raise ValueError("--local-crops, --warmup-epochs and --voc must be >= 0")
+    if args.local_crops < 0 or args.warmup_epochs < 0 or args.voc < 0 or args.seed < 0:
+        raise ValueError("--local-crops, --warmup-epochs, --voc and --seed must be >= 0")
+    if args.sinkhorn_iters < 1:
+        raise ValueError(f"--sinkhorn-iters must be >= 1, got {args.sinkhorn_iters}")
     if args.voc > args.prototypes:
         raise ValueError(f"--voc {args.voc} is larger than the {args.prototypes} prototypes")
     if min(args.lr, args.student_temp, args.teacher_temp) <= 0:
@@ -161,12 +166,26 @@ def transfer_tasks(args):
     synthetic = args.data == "synthetic"
     text = args.transfer or ("novel,seen" if synthetic else "none")
     tasks = [] if text == "none" else [t.strip() for t in text.split(",") if t.strip()]
-    for task in tasks:
+    for task in tasks:  # checked before pre-training, not after it
         if synthetic and task not in ("novel", "seen"):
             raise ValueError(f"--transfer {task}: a real data set needs --data other than synthetic (the synthetic "
                              "world's tasks are novel and seen)")
         if not synthetic and task in ("novel", "seen"):
             raise ValueError(f"--transfer {task}: a synthetic-world task needs --data synthetic")
+        if task.startswith("folder:"):
+            path = task[len("folder:"):]
+            for split in ("train", "test"):
+                if not os.path.isdir(os.path.join(path, split)):
+                    raise FileNotFoundError(f"--transfer {task}: expected ImageFolders {path}/train and {path}/test")
+        elif not synthetic:
+            if task not in TRANSFER_SETS:
+                raise ValueError(f"--transfer {task}: unknown data set; use {', '.join(TRANSFER_SETS)} or folder:PATH")
+            if args.transfer_root is None:
+                raise ValueError(f"--transfer {task} needs --transfer-root (the folder holding {task}/)")
+            if not os.path.isdir(os.path.join(args.transfer_root, task)):
+                raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(args.transfer_root, task)}")
+    if "novel" in tasks and not 1 <= args.probe_classes <= 1000:
+        raise ValueError(f"--probe-classes must be in [1, 1000], got {args.probe_classes}")
     return tasks
 
 
@@ -600,8 +619,8 @@ def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform
     x_train, y_train = extract_features(backbone, world.train, dist, args.workers)
     x_test, y_test = extract_features(backbone, world.test, dist, args.workers)
     keep = np.arange(len(world.classnames))
-    if name == "novel":  # drop the classes pre-training used
-        keep = np.flatnonzero(~np.isin(world.imagenet_ids, pretrain.imagenet_ids))
+    if name == "novel":  # drop the classes pre-training saw: its labelled ones and its open-world concepts
+        keep = np.flatnonzero(~np.isin(world.imagenet_ids, [*pretrain.imagenet_ids, *pretrain.open_world_ids]))
         if len(keep) < 2:
             raise ValueError(f"--probe-classes {args.probe_classes} leaves {len(keep)} classes outside pre-training")
     remap = torch.full((len(world.classnames),), -1, dtype=torch.long)
@@ -636,20 +655,31 @@ class _MultiHotVOC(torch.utils.data.Dataset):
         return image, hot
 
 
+def _rgb(image):
+    return image.convert("RGB")
+
+
+def probe_transform(args):
+    """Images for the probes and the utilisation count, without augmentation, at the resolution the backbone
+    trained at (--global-size; --probe-image-size overrides). Real images are resized (shorter side),
+    centre-cropped and made RGB (Caltech101 holds greyscale images)."""
+    size = args.probe_image_size or args.global_size
+    if args.data == "synthetic":  # uint8 tensors rendered at 32 or 64 px
+        _, normalize = data.default_transforms(args.image_size or 32, tensor_images=True)
+        rendered = args.image_size or 32
+        return normalize if size == rendered else T.Compose([T.Resize(size, antialias=True), normalize])
+    return T.Compose([T.Lambda(_rgb), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])
+
+
 def real_transfer_splits(name, root, transform):
     """(train, val or None, test) datasets of a downstream set found under root (never downloaded)."""
     from torchvision import datasets as D
-    if name.startswith("folder:"):
+    if name.startswith("folder:"):  # (transfer_tasks checked the folders)
         path = name[len("folder:"):]
         split = lambda s: D.ImageFolder(os.path.join(path, s), transform) if os.path.isdir(os.path.join(path, s)) else None
-        if split("train") is None or split("test") is None:
-            raise FileNotFoundError(f"--transfer {name}: expected ImageFolders {path}/train and {path}/test")
         return split("train"), split("val"), split("test")
-    if root is None:
-        raise ValueError(f"--transfer {name} needs --transfer-root (the folder holding <name>/)")
     where = os.path.join(root, name)
-    if not os.path.isdir(where):
-        raise FileNotFoundError(f"--transfer {name}: no folder {where}")
     kw = dict(root=where, transform=transform, download=False)
     if name in ("cifar10", "cifar100"):
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
@@ -669,7 +699,7 @@ def real_transfer_splits(name, root, transform):
         full = D.Caltech101(target_type="category", **kw) if name == "caltech101" else D.SUN397(**kw)
         tr, te = _split_validation(len(full), 0)
         return torch.utils.data.Subset(full, tr), None, torch.utils.data.Subset(full, te)
-    raise ValueError(f"--transfer {name}: unknown data set (see --help)")
+    raise AssertionError(f"--transfer {name}: not in TRANSFER_SETS")
 
 
 def real_transfer_task(name, args, dist, backbone, transform):
@@ -702,13 +732,8 @@ def main(argv=None):
     tasks = transfer_tasks(args)
     multi_crop = MultiCropTransform(args.global_scale, args.local_scale, args.local_crops, args.global_size,
                                     args.local_size)
-    if synthetic:
-        _, eval_transform = data.default_transforms(args.image_size or 32, tensor_images=True)  # no augmentation
-    else:
-        size = args.probe_image_size or args.global_size
-        eval_transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                                    T.ToTensor(), T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])
-    longtail = data.load_data(args, train_transform=multi_crop, test_transform=eval_transform)
+    eval_transform = probe_transform(args)
+    longtail = data.load_data(args, train_transform=multi_crop, test_transform=eval_transform, need_test=False)
     train_set = longtail.train  # self-supervised: every image, open-world ones included; labels unused
     run_dir = data.RunDir(args.out, args, dist, resume=args.resume)
 
@@ -799,7 +824,7 @@ def main(argv=None):
 
     # Prototype utilisation over the training images (no augmentation), then linear-probe transfer.
     start = time.time()
-    plain = data.load_data(args, train_transform=eval_transform, test_transform=eval_transform).train
+    plain = data.load_data(args, train_transform=eval_transform, test_transform=eval_transform, need_test=False).train
     utilisation = prototype_utilisation(teacher, center, plain, args, dist)
     results, first = {}, None
     for name in tasks:
@@ -810,8 +835,9 @@ def main(argv=None):
                 results[name], logits = linear_probe(task, args.probe_max_iter)
             print(f"probe {name}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in results[name].items()))
-            if task["metric"] != "map11" and (first is None or not first[0]["pretrain_counts"].any()):
-                first = (task, logits.cpu())  # prefer a task over pre-training classes: per-class vs frequency
+            over_pretrain_classes = task["pretrain_counts"].any()  # per-class results vs frequency: preferred
+            if task["metric"] != "map11" and (first is None or over_pretrain_classes and not first[0]["pretrain_counts"].any()):
+                first = (task, logits.cpu())
     if dist.is_main:
         extra = dict(probe=results, utilisation=utilisation, epochs=args.epochs, voc=args.voc,
                      prototypes=args.prototypes, eval_time=time.time() - start,

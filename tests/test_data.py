@@ -449,6 +449,13 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
         assert data.load_data(opts(tmp_path, *folder, "--captions", "natural")).train[0][2] == d.train[0][2]
     assert d.classnames == ["cats", "dogs"] and d.train_counts.tolist() == [3, 1] and d.imagenet_ids == [-1, -1]
     assert d.train[0][2] in {t("cats") for t in data.caption_templates()}  # template captions
+    # no test set: an error, except for a caller that evaluates on other data (DINO's pre-training)
+    no_val = tmp_path / "no_val"
+    png(str(no_val / "train" / "cats" / "0.png"))
+    with pytest.raises(ValueError, match="needs a test set"):
+        data.load_data(opts(tmp_path, "--data", "imagefolder", "--data-root", str(no_val)))
+    pretrain = data.load_data(opts(tmp_path, "--data", "imagefolder", "--data-root", str(no_val)), need_test=False)
+    assert pretrain.test is None and pretrain.classnames == ["cats"] and len(pretrain.train) == 1
     # ImageNet-V2 layout (folders named by class index) as an extra evaluation set of a synthetic run
     v2 = tmp_path / "v2"
     for i in [IN100[0], IN100[5], 0]:  # class 0 is not in ImageNet-100: skipped

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -320,10 +319,60 @@ def _run(args, env_extra=None, **kw):
     (["--data", "imagefolder", "--transfer", "novel"], "needs --data synthetic"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--teacher-momentum", "1.5"], "must lie in [0, 1]"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be >= 1"),
+    # transfer tasks are checked before pre-training starts, not after it
+    (["--probe-classes", "0"], "--probe-classes must be in [1, 1000]"),
+    (["--data", "imagefolder", "--transfer", "cifar-10"], "unknown data set"),
+    (["--data", "imagefolder", "--transfer", "cifar10"], "needs --transfer-root"),
+    (["--data", "imagefolder", "--transfer", "cifar10", "--transfer-root", "/nonexistent"], "no folder /nonexistent/cifar10"),
+    (["--data", "imagefolder", "--transfer", "folder:/nonexistent"], "expected ImageFolders /nonexistent/train"),
 ])
 def test_bad_flags_are_rejected(flags, message):
-    with pytest.raises(ValueError, match=re_escape(message)):
+    with pytest.raises((ValueError, FileNotFoundError), match=re_escape(message)):
         dino_tail.parse_args(flags)
+
+
+def test_probe_transform():
+    """Probe images at the backbone's training resolution (--global-size), real ones made RGB."""
+    from PIL import Image
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    native = dino_tail.probe_transform(dino_tail.parse_args([]))(image)
+    assert native.shape == (3, 32, 32)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dino_tail.data.CLIP_MEAN, dino_tail.data.CLIP_STD))
+    torch.testing.assert_close(native, (image / 255 - mean) / std)
+    up = dino_tail.probe_transform(dino_tail.parse_args(["--global-size", "64", "--local-size", "32"]))(image)
+    by_hand = F.interpolate(image[None].float(), size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(up, ((by_hand[0].round().clamp(0, 255) / 255 - mean) / std), atol=2 / 255 / 0.26, rtol=0)
+    grey = Image.fromarray(np.arange(50 * 70, dtype=np.uint8).reshape(50, 70) % 251, mode="L")
+    real = dino_tail.probe_transform(dino_tail.parse_args(["--data", "imagefolder", "--global-size", "64",
+                                                           "--local-size", "32"]))(grey)
+    assert real.shape == (3, 64, 64)
+    torch.testing.assert_close(real[0] * std[0] + mean[0], real[1] * std[1] + mean[1])  # grey made RGB
+
+
+class _PixelFeatures(nn.Module):
+    output_dim = 12
+
+    def forward(self, images):
+        return images.flatten(1)[:, :12].float()
+
+
+def test_novel_task_leaves_out_open_world_concepts(tmp_path):
+    """'novel' = ImageNet classes pre-training never saw: neither its labelled classes nor the open-world
+    concepts in its images."""
+    flags = ["--classes", "rand20", "--cache-dir", str(tmp_path), "--probe-classes", "300",
+             "--probe-train-per-class", "1", "--probe-test-per-class", "1"]
+    args = dino_tail.parse_args([*flags, "--open-world", "200", "--num-train", "400"])
+    pretrain = dino_tail.data.load_data(args, need_test=False)
+    seen = set(pretrain.imagenet_ids) | set(pretrain.open_world_ids)
+    assert len(pretrain.open_world_ids) == 200 and not set(pretrain.imagenet_ids) & set(pretrain.open_world_ids)
+    task = dino_tail.synthetic_transfer_task("novel", args, pretrain, dino_tail.data.Dist(), _PixelFeatures(),
+                                             dino_tail.probe_transform(args))
+    names = dino_tail.data.imagenet_classnames()
+    drawn = dino_tail.data.select_classes("rand300", args.data_seed)
+    expected = [names[c] for c in drawn if c not in seen]
+    assert task["classnames"] == expected and 0 < len(expected) < 300 - 20
 
 
 def re_escape(text):
