@@ -1837,6 +1837,8 @@ class RunDir:
     def resume_state(self, map_location="cpu"):
         """The saved state if there is one (else None); log lines past the saved epoch are dropped."""
         if not os.path.exists(self.checkpoint):
+            if self.dist.is_main:
+                print(f"--resume: no checkpoint in {self.out}; starting a new run", file=sys.stderr)
             return None
         state = load_checkpoint(self.checkpoint, map_location)
         if self.dist.is_main and os.path.exists(self.log_path):

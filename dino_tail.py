@@ -166,27 +166,31 @@ def transfer_tasks(args):
     synthetic = args.data == "synthetic"
     text = args.transfer or ("novel,seen" if synthetic else "none")
     tasks = [] if text == "none" else [t.strip() for t in text.split(",") if t.strip()]
-    for task in tasks:  # checked before pre-training, not after it
+    for task in tasks:
         if synthetic and task not in ("novel", "seen"):
             raise ValueError(f"--transfer {task}: a real data set needs --data other than synthetic (the synthetic "
                              "world's tasks are novel and seen)")
         if not synthetic and task in ("novel", "seen"):
             raise ValueError(f"--transfer {task}: a synthetic-world task needs --data synthetic")
-        if task.startswith("folder:"):
-            path = task[len("folder:"):]
-            for split in ("train", "test"):
-                if not os.path.isdir(os.path.join(path, split)):
-                    raise FileNotFoundError(f"--transfer {task}: expected ImageFolders {path}/train and {path}/test")
-        elif not synthetic:
+        if not synthetic and not task.startswith("folder:"):
             if task not in TRANSFER_SETS:
                 raise ValueError(f"--transfer {task}: unknown data set; use {', '.join(TRANSFER_SETS)} or folder:PATH")
             if args.transfer_root is None:
                 raise ValueError(f"--transfer {task} needs --transfer-root (the folder holding {task}/)")
-            if not os.path.isdir(os.path.join(args.transfer_root, task)):
-                raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(args.transfer_root, task)}")
     if "novel" in tasks and not 1 <= args.probe_classes <= 1000:
         raise ValueError(f"--probe-classes must be in [1, 1000], got {args.probe_classes}")
     return tasks
+
+
+def check_transfer_folders(tasks, args):
+    """Every real transfer set's folder exists: checked before pre-training, not after it."""
+    for task in tasks:
+        if task.startswith("folder:"):
+            path = task[len("folder:"):]
+            if not all(os.path.isdir(os.path.join(path, split)) for split in ("train", "test")):
+                raise FileNotFoundError(f"--transfer {task}: expected ImageFolders {path}/train and {path}/test")
+        elif task in TRANSFER_SETS and not os.path.isdir(os.path.join(args.transfer_root, task)):
+            raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(args.transfer_root, task)}")
 
 
 # ---- Model: CLIP's ModifiedResNet + DINO head -----------------------------------------------------------
@@ -730,6 +734,7 @@ def main(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
     synthetic = args.data == "synthetic"
     tasks = transfer_tasks(args)
+    check_transfer_folders(tasks, args)
     multi_crop = MultiCropTransform(args.global_scale, args.local_scale, args.local_crops, args.global_size,
                                     args.local_size)
     eval_transform = probe_transform(args)

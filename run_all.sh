@@ -357,13 +357,12 @@ section_fig10() {
     [[ -f dino_tail.py ]] || { note "skipped fig10: dino_tail.py is not in this checkout yet"; return; }
     local bal=() imb=() v
     if [[ $MODE == paper ]]; then
-        need LAIONET_TSV TRANSFER_ROOT IMAGENET_VAL || return
+        need LAIONET_TSV TRANSFER_ROOT || return
         local tasks=${TRANSFER_TASKS:-fgvc_aircraft,caltech101,stanford_cars,cifar10,cifar100,dtd,flowers102,food101,oxford_pets,sun397,voc2007}
         local probe=(--transfer "$tasks" --transfer-root "$TRANSFER_ROOT")
-        # (the loaders want a test split even though DINO only uses the transfer tasks)
-        imb=(--data tsv --train-file "$LAIONET_TSV" --val-root "$IMAGENET_VAL" "${probe[@]}")
+        imb=(--data tsv --train-file "$LAIONET_TSV" "${probe[@]}")
         if [[ -n ${IMAGENET_TRAIN:-} ]]; then
-            bal=(--data imagefolder --data-root "$IMAGENET_TRAIN" --val-root "$IMAGENET_VAL" "${probe[@]}")
+            bal=(--data imagefolder --data-root "$IMAGENET_TRAIN" "${probe[@]}")
         else
             note "fig10: IMAGENET_TRAIN is not set, the ImageNet row of Table 2 is skipped"
         fi

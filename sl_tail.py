@@ -101,7 +101,8 @@ def parse_args(argv=None):
     if args.lr_steps is None:
         args.lr_steps = ",".join(str(round(args.epochs * f)) for f in LR_STEPS)
     try:
-        args.lr_steps = sorted({int(s) for s in str(args.lr_steps).split(",") if s.strip() and int(s) > 0})
+        # a repeated epoch decays twice there (MultiStepLR counts it), as when few --epochs round two steps together
+        args.lr_steps = sorted(int(s) for s in str(args.lr_steps).split(",") if s.strip() and int(s) > 0)
     except ValueError:
         raise ValueError(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}") from None
     for name, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),

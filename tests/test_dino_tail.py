@@ -325,12 +325,20 @@ def _run(args, env_extra=None, **kw):
     (["--probe-classes", "0"], "--probe-classes must be in [1, 1000]"),
     (["--data", "imagefolder", "--transfer", "cifar-10"], "unknown data set"),
     (["--data", "imagefolder", "--transfer", "cifar10"], "needs --transfer-root"),
-    (["--data", "imagefolder", "--transfer", "cifar10", "--transfer-root", "/nonexistent"], "no folder /nonexistent/cifar10"),
-    (["--data", "imagefolder", "--transfer", "folder:/nonexistent"], "expected ImageFolders /nonexistent/train"),
 ])
 def test_bad_flags_are_rejected(flags, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=re_escape(message)):
+    with pytest.raises(ValueError, match=re_escape(message)):
         dino_tail.parse_args(flags)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--transfer", "cifar10", "--transfer-root", "/nonexistent"], "no folder /nonexistent/cifar10"),
+    (["--transfer", "folder:/nonexistent"], "expected ImageFolders /nonexistent/train"),
+])
+def test_missing_transfer_folders_stop_the_run_before_pre_training(flags, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(dino_tail.data, "load_data", lambda *a, **k: pytest.fail("pre-training data was loaded"))
+    with pytest.raises(FileNotFoundError, match=re_escape(message)):
+        dino_tail.main(["--data", "imagefolder", "--data-root", str(tmp_path), *flags, "--out", str(tmp_path / "run")])
 
 
 def test_probe_transform():

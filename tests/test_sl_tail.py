@@ -295,6 +295,24 @@ def test_evaluation_and_posthoc_adjustment():
         assert preds.tolist() == expected and labels.tolist() == [1, 2, 0] and torch.equal(features, x)
 
 
+def test_recipes_and_lr_steps():
+    paper = sl_tail.parse_args(["--recipe", "paper"])
+    assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.lr_steps, paper.voc_scope) == \
+        ("rn50", 90, 256, 0.1, [30, 50, 70], "local")                   # Appx. C.1, the paper code's vocabularies
+    default = sl_tail.parse_args([])
+    assert (default.epochs, default.lr_steps, default.voc_scope, default.lr) == (5, [2, 3, 4], "global", 0.1 * 16 / 256)
+    # 1/3, 5/9, 7/9 of 3 epochs round to 1, 2, 2: both later decays happen at epoch 2
+    assert sl_tail.parse_args(["--epochs", "3"]).lr_steps == [1, 2, 2]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                                    milestones=[1, 2, 2], gamma=0.1)
+    lrs = []
+    for _ in range(3):
+        lrs.append(schedule.get_last_lr()[0])
+        schedule.optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([1.0, 0.1, 0.001])
+
+
 # ---- whole runs -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
