@@ -24,6 +24,7 @@ open_clip.create_model_and_transforms(MODEL, pretrained="runs/clip/checkpoint.pt
 """
 import argparse
 import csv
+import json
 import math
 import os
 import time
@@ -43,10 +44,11 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 import metrics
-from data import (LongTailData, RunDir, add_data_args, all_gather_cat, check_finite, eval_image_folder, eval_loader,
-                  frequency_profile, gather_eval, imagenet_classnames, imagenet_synonyms, init_distributed,
-                  load_checkpoint, load_data, rng_state, run_cli, save_checkpoint, seed_everything, select_classes,
-                  set_rng_state, sync_batchnorm, train_loader, write_json)
+from data import (LongTailData, RunDir, add_data_args, all_gather_cat, check_finite, data_flag_names,
+                  eval_image_folder, eval_loader, frequency_profile, gather_eval, imagenet_classnames,
+                  imagenet_synonyms, init_distributed, load_checkpoint, load_data, rng_state, run_cli, save_checkpoint,
+                  seed_everything, select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags,
+                  write_json)
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
 # 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -438,6 +440,8 @@ def evaluate_checkpoint(args, dist):
     if not isinstance(state, dict) or "state_dict" not in state or "model_name" not in state:
         raise ValueError(f"{path} is not a checkpoint written by clip_tail.py")
     args.model, args.image_size = state["model_name"], state["image_size"]
+    if dist.is_main and "args" in state:  # the test set and frequencies come from the data flags given now
+        warn_changed_flags(json.loads(json.dumps(state["args"], default=str)), args, path, keys=data_flag_names())
     model = open_clip.create_model(args.model, force_image_size=args.image_size,
                                    force_quick_gelu=state["quick_gelu"], device=dist.device)
     model.load_state_dict(state["state_dict"])

@@ -1817,6 +1817,22 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def data_flag_names():
+    """The dests of the shared data flags (add_data_args)."""
+    return set(vars(add_data_args(argparse.ArgumentParser()).parse_args([])))
+
+
+def warn_changed_flags(saved, args, source, keys=None):
+    """One stderr line per flag (of `keys`, default all) whose value differs from `saved`, the flags a run
+    was started with (source names where they come from): a resumed or re-evaluated run silently uses
+    what the flags say now, other data included."""
+    now = json.loads(json.dumps(vars(args), default=str))  # as args.json holds them (tuples as lists, ...)
+    keys = set(saved) & set(now) - {"resume", "eval_only", "checkpoint", "pretrained"} if keys is None else keys
+    for key in sorted(k for k in keys if k in saved and k in now and saved[k] != now[k]):
+        print(f"warning: --{key.replace('_', '-')} is {now[key]!r} now but was {saved[key]!r} in {source}",
+              file=sys.stderr)
+
+
 class RunDir:
     """runs/<name>/: args.json, log.jsonl (one line per epoch), checkpoint.pt; rank 0 writes.
 
@@ -1832,7 +1848,11 @@ class RunDir:
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if dist.is_main:
             os.makedirs(out, exist_ok=True)
-            write_json(os.path.join(out, "args.json"), vars(args))
+            args_path = os.path.join(out, "args.json")
+            if resume and os.path.exists(self.checkpoint) and os.path.exists(args_path):
+                with open(args_path) as f:
+                    warn_changed_flags(json.load(f), args, args_path)
+            write_json(args_path, vars(args))
 
     def resume_state(self, map_location="cpu"):
         """The saved state if there is one (else None); log lines past the saved epoch are dropped."""

@@ -344,6 +344,11 @@ def test_eval_only_on_own_checkpoint(reference_run, world_cache, tmp_path, monke
     np.testing.assert_allclose(got["features"].astype(np.float32), ref["features"].astype(np.float32), rtol=1e-3, atol=1e-3)
     assert (got["preds"] == ref["preds"]).mean() >= 0.95
     assert read_final(out)["epochs_trained"] == EPOCHS
+    assert "warning: --" not in err
+    # other data flags than the training run's: evaluated as asked, and said
+    code, err = run_in_process([*tiny_flags(world_cache), "--num-test-per-class", "3", "--eval-only", "--checkpoint",
+                                str(reference_run / "checkpoint.pt"), "--out", str(tmp_path / "eval3")], monkeypatch, capsys)
+    assert code == 0 and "warning: --num-test-per-class is 3 now but was 4 in" in err, err
 
 
 def test_eval_only_pretrained_on_the_synthetic_world(reference_run, world_cache, tmp_path, monkeypatch, capsys):

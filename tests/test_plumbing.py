@@ -135,6 +135,21 @@ def test_rundir_refuses_to_overwrite_and_trims_log_on_resume(tmp_path):
     assert epochs == [0, 1]
 
 
+def test_resume_names_flags_that_changed(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run = data.RunDir(out, _Args(lr=0.1, scale=(0.1, 1.0), num_train=600, resume=False), data.Dist())
+    run.save({"epoch": 1})
+    capsys.readouterr()
+    data.RunDir(out, _Args(lr=0.1, scale=(0.1, 1.0), num_train=600, resume=True), data.Dist(), resume=True)
+    assert capsys.readouterr().err == ""  # the same flags (a tuple reads back as a list): nothing to say
+    data.RunDir(out, _Args(lr=0.2, scale=(0.1, 1.0), num_train=800, resume=True), data.Dist(), resume=True)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --lr is 0.2 now but was 0.1 in {os.path.join(out, 'args.json')}",
+        f"warning: --num-train is 800 now but was 600 in {os.path.join(out, 'args.json')}"]
+    data.warn_changed_flags({"lr": 0.1, "num_train": 600}, _Args(lr=0.2, num_train=800), "x", keys={"num_train"})
+    assert capsys.readouterr().err.splitlines() == ["warning: --num-train is 800 now but was 600 in x"]
+
+
 def test_unreadable_checkpoint_is_named(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
