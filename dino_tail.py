@@ -51,11 +51,11 @@ RECIPES = {
     "paper": dict(model="rn50", epochs=100, batch_size=1024, base_lr=0.03, min_lr=1e-6, weight_decay=1e-4,
                   warmup_epochs=10, prototypes=65536, hidden_dim=2048, teacher_momentum=0.996,
                   global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=8, global_size=224,
-                  local_size=96, workers=10),
+                  local_size=96, workers=10, freeze_last_layer=1),
     "default": dict(model="rn-small", epochs=6, batch_size=64, base_lr=0.03, min_lr=1e-6, weight_decay=1e-4,
                     warmup_epochs=1, prototypes=4096, hidden_dim=512, teacher_momentum=0.99,
                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=2, global_size=32,
-                    local_size=32, workers=0),
+                    local_size=32, workers=0, freeze_last_layer=0),
 }
 # CLIP's modified ResNet (open_clip): RN50 for the paper recipe, a small one for 32 px images.
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
@@ -87,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=int, default=None, help="linear lr warm-up")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient-norm clip (DINO); 0 = off")
-    p.add_argument("--freeze-last-layer", type=int, default=0, help="epochs the prototypes stay fixed (paper: 0)")
+    p.add_argument("--freeze-last-layer", type=int, default=None,
+                   help="epochs the prototypes stay fixed (paper recipe: 1, DINO's default; default recipe: 0)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for backbone and head (loss in float32)")
@@ -144,8 +145,8 @@ def parse_args(argv=None):
                  "probe_train_per_class", "probe_test_per_class", "probe_max_iter"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.local_crops < 0 or args.warmup_epochs < 0 or args.voc < 0 or args.seed < 0:
-        raise ValueError("--local-crops, --warmup-epochs, --voc and --seed must be >= 0")
+    if min(args.local_crops, args.warmup_epochs, args.voc, args.seed, args.freeze_last_layer) < 0:
+        raise ValueError("--local-crops, --warmup-epochs, --voc, --seed and --freeze-last-layer must be >= 0")
     if args.sinkhorn_iters < 1:
         raise ValueError(f"--sinkhorn-iters must be >= 1, got {args.sinkhorn_iters}")
     if args.voc > args.prototypes:

@@ -319,7 +319,7 @@ def _run(args, env_extra=None, **kw):
     (["--data", "imagefolder", "--transfer", "novel"], "needs --data synthetic"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--teacher-momentum", "1.5"], "must lie in [0, 1]"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed and --freeze-last-layer must be >= 0"),
     (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be >= 1"),
     # transfer tasks are checked before pre-training starts, not after it
     (["--probe-classes", "0"], "--probe-classes must be in [1, 1000]"),
@@ -339,6 +339,17 @@ def test_missing_transfer_folders_stop_the_run_before_pre_training(flags, messag
     monkeypatch.setattr(dino_tail.data, "load_data", lambda *a, **k: pytest.fail("pre-training data was loaded"))
     with pytest.raises(FileNotFoundError, match=re_escape(message)):
         dino_tail.main(["--data", "imagefolder", "--data-root", str(tmp_path), *flags, "--out", str(tmp_path / "run")])
+
+
+def test_recipes():
+    paper = dino_tail.parse_args(["--recipe", "paper"])
+    # DINO's ResNet-50 recipe (SGD, base lr 0.03, wd 1e-4, crop scales 0.14-1 / 0.05-0.14), 65,536 prototypes,
+    # and DINO's default of one epoch with the last layer frozen
+    assert (paper.model, paper.batch_size, paper.lr, paper.weight_decay, paper.global_scale, paper.local_scale,
+            paper.prototypes, paper.freeze_last_layer) == ("rn50", 1024, 0.03 * 1024 / 256, 1e-4, (0.14, 1.0),
+                                                           (0.05, 0.14), 65536, 1)
+    assert dino_tail.parse_args([]).freeze_last_layer == 0
+    assert dino_tail.parse_args(["--recipe", "paper", "--freeze-last-layer", "0"]).freeze_last_layer == 0
 
 
 def test_probe_transform():
