@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 x batch-size / 256 (Appx. C.1)")
     p.add_argument("--momentum", type=float, default=None, help=recipe_help("momentum", "SGD Nesterov momentum"))
     p.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
+    p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"],
+                   help="step: x0.1 at --lr-steps (Appx. C.1); cosine: to 0 over --epochs (what the authors' "
+                   "released train_sup.py runs for '--scheduler step': its two branches are swapped)")
     p.add_argument("--lr-steps", default=None,
                    help="epochs where the lr is multiplied by 0.1 (default: 1/3, 5/9, 7/9 of --epochs; paper 30,50,70)")
     p.add_argument("--workers", type=int, default=None, help=recipe_help("workers", "DataLoader workers per process"))
@@ -319,7 +322,10 @@ def main(argv=None):
     other_params = [p for p in raw_model.parameters() if p.requires_grad and p is not raw_model.log_logit_scale]
     optimizer = torch.optim.SGD([{"params": other_params}, {"params": scale_params, "weight_decay": 0.0}],
                                 lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=0.1)
+    if args.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=0.1)
 
     weights = vocabulary_weights(longtail.train_counts, args.voc_sampling)
     log_prior = log_class_prior(longtail.train_counts).to(dist.device)

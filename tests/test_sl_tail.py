@@ -313,6 +313,14 @@ def test_recipes_and_lr_steps():
     assert lrs == pytest.approx([1.0, 0.1, 0.001])
 
 
+def test_cosine_lr_schedule_in_a_run(tmp_path, cache_dir):
+    """--lr-schedule cosine: lr_e = lr / 2 * (1 + cos(pi e / epochs)) at the start of epoch e."""
+    out = str(tmp_path / "cosine")
+    sl_tail.main([*TINY, "--epochs", "3", "--lr-schedule", "cosine", "--out", out, "--cache-dir", cache_dir])
+    want = [0.02 / 2 * (1 + np.cos(np.pi * e / 3)) for e in range(3)]
+    assert [r["lr"] for r in _log(out)] == pytest.approx(want)
+
+
 # ---- whole runs -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
