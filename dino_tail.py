@@ -60,9 +60,10 @@ RECIPES = {
 # CLIP's modified ResNet (open_clip): RN50 for the paper recipe, a small one for 32 px images.
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
           "rn-small": dict(layers=[1, 1, 1, 1], width=16, output_dim=256)}
-# Linear-probe metric of each downstream set (ssl-transfer's choices, which the paper's Table 2 follows)
+# Downstream sets real_transfer_splits reads (torchvision layouts), and each one's linear-probe metric
+# (ssl-transfer's choices, which the paper's Table 2 follows; top-1 where not listed)
 TRANSFER_SETS = ("cifar10", "cifar100", "dtd", "flowers102", "food101", "oxford_pets", "stanford_cars", "fgvc_aircraft",
-                 "caltech101", "sun397", "voc2007")  # torchvision data sets real_transfer_splits reads
+                 "caltech101", "sun397", "voc2007")
 PROBE_METRICS = {"fgvc_aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers102": "mean_per_class",
                  "oxford_pets": "mean_per_class", "voc2007": "map11"}
 
@@ -680,7 +681,7 @@ def probe_transform(args):
 def real_transfer_splits(name, root, transform):
     """(train, val or None, test) datasets of a downstream set found under root (never downloaded)."""
     from torchvision import datasets as D
-    if name.startswith("folder:"):  # (transfer_tasks checked the folders)
+    if name.startswith("folder:"):  # (check_transfer_folders found train/ and test/)
         path = name[len("folder:"):]
         split = lambda s: D.ImageFolder(os.path.join(path, s), transform) if os.path.isdir(os.path.join(path, s)) else None
         return split("train"), split("val"), split("test")

@@ -317,7 +317,7 @@ def main(argv=None):
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    # SGD with Nesterov momentum, step decay x0.1 (Appx. C.1); no weight decay on the temperature
+    # SGD with Nesterov momentum, step decay x0.1 (Appx. C.1) or cosine; no weight decay on the temperature
     scale_params = [raw_model.log_logit_scale]
     other_params = [p for p in raw_model.parameters() if p.requires_grad and p is not raw_model.log_logit_scale]
     optimizer = torch.optim.SGD([{"params": other_params}, {"params": scale_params, "weight_decay": 0.0}],
