@@ -467,7 +467,11 @@ for i in "${!CMDS[@]}"; do
 done
 while ((${#RUNNING[@]})); do finish_one; done
 for a in "${ALIASES[@]+"${ALIASES[@]}"}"; do  # shared runs: DIR/<name> -> <first name>
-    [[ -e $OUT/${a%%=*} ]] || ln -s "${a#*=}" "$OUT/${a%%=*}"
+    link=$OUT/${a%%=*}
+    # an unfinished run folder under the shared name (left by an interrupted --only plan that ran it there)
+    # would hide the shared run's result for good: the link replaces it
+    [[ -d $link && ! -L $link && ! -f $link/final.json ]] && rm -rf "$link"
+    [[ -e $link || -L $link ]] || ln -s "${a#*=}" "$link"
 done
 elapsed=$((SECONDS - started))
 wall="$((elapsed / 60))m$((elapsed % 60))s"

@@ -249,6 +249,20 @@ def test_executor_runs_skips_and_resumes(tmp_path, fake_python):
     assert proc.stdout.count("done earlier") == 8
 
 
+def test_an_unfinished_folder_under_a_shared_name_gives_way_to_the_link(tmp_path, fake_python):
+    """clip_ow0 (Fig. 6) is the same command as clip_title-desc-tags (Fig. 3): a full plan links it. A
+    folder left there by an interrupted `--only fig6` must not hide the shared result."""
+    out = tmp_path / "runs"
+    (out / "clip_ow0_s0").mkdir(parents=True)
+    (out / "clip_ow0_s0" / "checkpoint.pt").write_text("")
+    (out / "clip_ow100_s0").mkdir()  # a finished folder under a name of its own stays as it is
+    (out / "clip_ow100_s0" / "final.json").write_text('{"top1": 0.25}')
+    run_all("--smoke", "--only", "fig3,fig6", "--out", str(out), "--report", str(tmp_path / "r"), env=fake_python)
+    assert (out / "clip_ow0_s0").is_symlink() and os.readlink(out / "clip_ow0_s0") == "clip_title-desc-tags_s0"
+    assert (out / "clip_ow0_s0" / "final.json").is_file()
+    assert json.loads((out / "clip_ow100_s0" / "final.json").read_text()) == {"top1": 0.25}
+
+
 def test_a_failure_is_reported_at_the_end_and_does_not_stop_the_others(tmp_path, fake_python):
     env = dict(fake_python, FAIL_MATCH="clip_textpre")
     out = str(tmp_path / "runs")
