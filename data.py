@@ -20,6 +20,7 @@ import random
 import re
 import sys
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -930,6 +931,9 @@ def load_data(args, train_transform=None, test_transform=None, need_test=True):
     elif opts.captions == "natural" and not has_captions:
         warnings.warn(f"--data {opts.data} has no captions; using template captions (--captions template)")
         opts.captions = "template"
+    if opts.open_world and opts.data not in ("synthetic", "incaps"):
+        raise ValueError(f"--open-world needs captions that name other concepts: --data synthetic or incaps, "
+                         f"not {opts.data}")
     if opts.val_root and opts.data == "synthetic":
         raise ValueError("--val-root is for real data; the synthetic world has its own balanced test split")
     data = loaders[opts.data](opts, train_transform, test_transform)
@@ -995,11 +999,12 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 class _ImageFiles:
     """Reads image files as RGB PIL images. An unreadable file is skipped (the next readable sample is
-    used instead), counted and reported; when more than max_bad_frac of the files turn out unreadable
-    the run stops. Counts are per process (each DataLoader worker counts the files it reads)."""
+    used instead), counted and reported; when more than max_bad_frac of the files a process has tried turn
+    out unreadable (at least 20 tried, or all of a smaller set), the run stops. The count is per process:
+    each DataLoader worker reads only its share of the files, so it is compared with that share."""
 
     def _init_files(self, paths, max_bad_frac):
-        self.paths, self.max_bad_frac, self.bad = list(paths), float(max_bad_frac), set()
+        self.paths, self.max_bad_frac, self.bad, self.tried = list(paths), float(max_bad_frac), set(), set()
 
     def _read(self, i):
         """(index actually used, PIL image)."""
@@ -1011,6 +1016,7 @@ class _ImageFiles:
             path = self.paths[j]
             if path in self.bad:
                 continue
+            self.tried.add(path)
             try:
                 with Image.open(path) as im:
                     return j, im.convert("RGB")
@@ -1018,9 +1024,10 @@ class _ImageFiles:
                 self.bad.add(path)
                 print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e}); "
                       f"{len(self.bad)} unreadable so far", file=sys.stderr)
-                if len(self.bad) > self.max_bad_frac * n:
-                    raise RuntimeError(f"{len(self.bad)} of {n} images are unreadable, more than --max-bad-frac "
-                                       f"{self.max_bad_frac}; first: {sorted(self.bad)[0]}")
+                tried = max(len(self.tried), min(n, 20))
+                if len(self.bad) > self.max_bad_frac * tried:
+                    raise ValueError(f"{len(self.bad)} of {len(self.tried)} images read so far are unreadable, more "
+                                     f"than --max-bad-frac {self.max_bad_frac}; first: {sorted(self.bad)[0]}")
         raise RuntimeError(f"none of the {n} images can be read")
 
 
@@ -1241,27 +1248,33 @@ def _label_counts(labels, num_classes):
     return np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.int64)
 
 
+def _table_reader(f, path):
+    """Rows of a .csv (comma-separated, "quoted" fields) or of a TSV, where a quote is just a character:
+    web captions are full of them, and a quote that never closes would swallow the rest of the file."""
+    import csv
+
+    if path.lower().endswith(".csv"):
+        return csv.reader(f)
+    return csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
 def _load_tsv(opts, train_transform, test_transform):
     """--data tsv --train-file F: header row with columns filepath, label, caption (tab-separated;
     a .csv file is comma-separated). label = index into the --classes list (for in1k: the ImageNet
-    class index) or a class name / WordNet synonym. Relative file paths are relative to --data-root,
+    class index), a class name, a WordNet synonym of one class only, or a wnid. Relative file paths are relative to --data-root,
     else to the file's folder. Test set from --val-root."""
-    import csv
-
     path = _need_path(opts.train_file, "--train-file")
     base = opts.data_root or os.path.dirname(os.path.abspath(path))
     class_ids = select_classes(opts.classes, opts.data_seed)
     names, syns = imagenet_classnames(), imagenet_synonyms()
     classnames, synonyms = [names[c] for c in class_ids], [syns[c] for c in class_ids]
-    by_name = {}
-    for c, ss in enumerate(synonyms):
-        for s in ss:
-            by_name.setdefault(s.lower(), c)
-    delimiter = "," if path.lower().endswith(".csv") else "\t"
+    by_name = _class_lookup(classnames, class_ids, synonyms)  # names first, then synonyms, wnids
+    shared = Counter(s.lower() for ss in synonyms for s in set(ss))
+    ambiguous = {s for s, n in shared.items() if n > 1} - {name.lower() for name in classnames}
     concept_of = _imagenet_concepts(class_ids)
     paths, labels, captions = [], [], []
     with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        reader = _table_reader(f, path)
         header = next(reader, None)
         cols = [h.strip().lower() for h in header] if header else []
         if not {"filepath", "label", "caption"} <= set(cols):
@@ -1279,6 +1292,9 @@ def _load_tsv(opts, train_transform, test_transform):
                 if not 0 <= label < len(class_ids):
                     raise ValueError(f"{path}:{lineno}: label {label} outside the {len(class_ids)} classes of "
                                      f"--classes {opts.classes} (valid 0..{len(class_ids) - 1})")
+            elif raw.lower() in ambiguous:
+                raise ValueError(f"{path}:{lineno}: label {raw!r} is a synonym of several classes; use the class "
+                                 "index or the class name")
             elif raw.lower() in by_name:
                 label = by_name[raw.lower()]
             else:
@@ -1308,6 +1324,8 @@ def _load_imagefolder(opts, train_transform, test_transform):
     root = _need_path(opts.data_root, "--data-root")
     train_root = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     folders = _image_folder(train_root)
+    if train_root == root:  # DIR/<class>/* next to DIR/val: the held-out folders are not classes
+        folders = [(name, files) for name, files in folders if name not in ("val", "test")]
     wnid_to_id = {w: i for i, w in enumerate(imagenet_wnids())}
     names, syns = imagenet_classnames(), imagenet_synonyms()
     classnames, synonyms, ids, paths, labels = [], [], [], [], []
@@ -1406,31 +1424,38 @@ def uniform_subset(labels, n_keep, rng):
     return np.sort(np.concatenate([chosen, rest]))
 
 
-def frequency_matched_subset(labels, target, rng):
+def frequency_matched_subset(labels, target, rng, target_size=None):
     """Resample to the class frequencies `target` [C] (the '=freq' variant, Sec. 3.4): class c keeps
-    round(target_c / sum(target) * n_labelled) random samples, capped at what it has. Open-world samples
-    (label -1) are kept."""
+    min(round(p_c * S), n_c) random samples, p = target / sum(target), n_c what the class has. S is the
+    target set's own size, as the authors' create_laionet_match_freq.py takes the target's counts as they
+    are (LAIONet to IN-Caps: few classes hit their cap), or the source's labelled size where that is
+    smaller (the synthetic world) or the target has no size (target_size None, e.g. 'uniform').
+    Open-world samples (label -1) are kept. Returns (kept indices, total-variation distance of the kept
+    class distribution to the target)."""
     labels = np.asarray(labels)
-    t = np.asarray(target, dtype=np.float64)
-    want = np.round(t / t.sum() * (labels >= 0).sum()).astype(np.int64)
+    p = np.asarray(target, dtype=np.float64)
+    p = p / p.sum()
+    have = np.bincount(labels[labels >= 0], minlength=len(p))[: len(p)]
+    size = have.sum() if target_size is None else min(have.sum(), target_size)
+    counts = np.minimum(np.round(p * size).astype(np.int64), have)
     keep = [np.flatnonzero(labels < 0)]
-    for c, n in enumerate(want):
-        idx = np.flatnonzero(labels == c)
-        keep.append(rng.permutation(idx)[: min(n, len(idx))])
-    return np.sort(np.concatenate(keep))
+    for c, n in enumerate(counts):
+        keep.append(rng.permutation(np.flatnonzero(labels == c))[:n])
+    distance = 0.5 * np.abs(counts / max(counts.sum(), 1) - p).sum()
+    return np.sort(np.concatenate(keep)), float(distance)
 
 
 def trim_tail(labels, counts, k, shots, rng):
-    """Cut the k least frequent classes to exactly `shots` samples each (Sec. 4.1, one-shot / zero-shot
-    tails). Ties in frequency are broken by a seeded random order. Returns (kept indices, tail classes)."""
+    """Cut the k least frequent classes to `shots` samples each (Sec. 4.1, one-shot / zero-shot tails;
+    a class with fewer keeps what it has). Ties in frequency are broken by a seeded random order. Returns (kept indices, tail classes)."""
     labels, counts = np.asarray(labels), np.asarray(counts)
     if not 0 < k <= len(counts):
         raise ValueError(f"--trim-tail must be in [1, {len(counts)}], got {k}")
     tie = rng.permutation(len(counts))
     tail = np.lexsort((tie, counts))[:k]  # sort by count, then by the random tie-break
     short = [int(c) for c in tail if counts[c] < shots]
-    if short:
-        raise ValueError(f"--tail-shots {shots}: classes {short[:5]} have fewer samples than that")
+    if short:  # e.g. IN-Caps' class 850 has no sample at all: it stays at zero
+        warnings.warn(f"--tail-shots {shots}: tail classes {short[:5]} have fewer samples; they keep all they have")
     keep = [np.flatnonzero(~np.isin(labels, tail))]
     for c in tail:
         keep.append(rng.permutation(np.flatnonzero(labels == c))[:shots])
@@ -1449,19 +1474,23 @@ def apply_variants(data, opts):
         target = frequency_profile(opts.freq_match, data.imagenet_ids) if min(data.imagenet_ids) >= 0 else None
         if target is None:
             raise ValueError("--freq-match needs ImageNet classes")
-        idx = idx[frequency_matched_subset(labels[idx], target, rng)]
+        target_size = None if opts.freq_match == "uniform" else int(target.sum())  # tables hold counts
+        matched, freq_match_distance = frequency_matched_subset(labels[idx], target, rng, target_size)
+        idx = idx[matched]
     tail = None
     if opts.trim_tail:
         sub, tail = trim_tail(labels[idx], _label_counts(labels[idx], len(data.classnames)), opts.trim_tail,
                               opts.tail_shots, rng)
         idx = idx[sub]
-    if len(idx) == len(labels):
+    if len(idx) == len(labels) and tail is None:
         return data
     data.train = SubsetTrainSet(data.train, idx)
     data.train_counts = _label_counts(data.train.labels, len(data.classnames))
     data.tail_classes = tail
     data.info.update(subset_frac=opts.subset_frac, subset_size=opts.subset_size, freq_match=opts.freq_match,
                      trim_tail=opts.trim_tail, tail_shots=opts.tail_shots if opts.trim_tail else None)
+    if opts.freq_match:
+        data.info["freq_match_distance"] = freq_match_distance  # total variation to the target profile
     if tail is not None:  # the new frequency table, next to the cached data (Sec. 4.1)
         key = hashlib.sha256(json.dumps([data.info, opts.data_seed], sort_keys=True, default=str).encode()).hexdigest()[:20]
         folder = os.path.expanduser(opts.cache_dir)
@@ -1546,12 +1575,10 @@ def estimate_class_frequency(captions, classnames, synonyms, negatives=None):
 
 def _read_caption_file(path):
     """Captions from a text file (one a line), or from the 'caption' column of a .tsv/.csv with header."""
-    import csv
-
     _need_path(path, "caption file")
     if path.lower().endswith((".tsv", ".csv")):
         with open(path, newline="") as f:
-            reader = csv.reader(f, delimiter="," if path.lower().endswith(".csv") else "\t")
+            reader = _table_reader(f, path)
             header = [h.strip().lower() for h in next(reader, [])]
             if "caption" not in header:
                 raise ValueError(f"{path}:1: no 'caption' column in the header {header}")
@@ -1896,7 +1923,10 @@ def run_cli(main):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         if os.environ.get("CLIP_TAIL_DEBUG"):
             raise
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         close_distributed()

@@ -120,6 +120,19 @@ def test_trim_tail_exact_counts(tmp_path, shots):
     assert names == d.classnames and np.array_equal(counts, d.train_counts)
 
 
+def test_trim_tail_keeps_short_classes_and_reports_the_tail(tmp_path):
+    """Tail classes with fewer samples than --tail-shots keep what they have (IN-Caps has a class with none);
+    the tail is reported even when the cut removes nothing."""
+    full = small(tmp_path, "--profile", "laionet-0.7")
+    with pytest.warns(UserWarning, match="fewer samples; they keep all they have"):
+        d = small(tmp_path, "--profile", "laionet-0.7", "--trim-tail", "30", "--tail-shots", "1")
+    assert (full.train_counts[d.tail_classes] == 0).any()  # some of the 30 least frequent have no sample
+    assert np.array_equal(d.train_counts[d.tail_classes], np.minimum(full.train_counts[d.tail_classes], 1))
+    zero = small(tmp_path, "--profile", "laionet-0.7", "--trim-tail", "5", "--tail-shots", "0")
+    assert (full.train_counts[zero.tail_classes] == 0).all() and len(zero.train) == len(full.train)
+    assert len(zero.tail_classes) == 5  # nothing cut, still a tail to report top1_tail on
+
+
 def test_uniform_subset_and_size_match(tmp_path):
     full = small(tmp_path, "--profile", "laionet-0.7")
     d = small(tmp_path, "--profile", "laionet-0.7", "--subset-frac", "1/8")
@@ -135,11 +148,29 @@ def test_uniform_subset_and_size_match(tmp_path):
     assert torch.equal(x1, x2) and y1 == y2 and c1 == c2
 
 
+def total_variation(counts, target):
+    a, b = np.asarray(counts, float), np.asarray(target, float)
+    return 0.5 * np.abs(a / a.sum() - b / b.sum()).sum()
+
+
 def test_frequency_matched_resampling(tmp_path):
+    """The synthetic world (smaller than the target set): the target's shares of the world's own size."""
     d = small(tmp_path, "--profile", "uniform", "--freq-match", "laionet-0.7")
     target = data.frequency_profile("laionet-0.7", d.imagenet_ids)
+    want = np.minimum(np.round(target / target.sum() * 2000), 20)  # 20 images per class in the uniform world
+    assert np.array_equal(d.train_counts, want) and (d.train_counts[target == 0] == 0).all()
+    assert d.info["freq_match_distance"] == pytest.approx(total_variation(d.train_counts, target))
     assert spearmanr(d.train_counts, target).statistic > 0.9
-    assert d.train_counts.max() <= 20 and (d.train_counts[target == 0] == 0).all()
+
+
+def test_frequency_match_takes_a_smaller_targets_counts_as_they_are():
+    """LAIONet (large) to IN-Caps (smaller), as the authors do: the target's own counts, so no class is
+    capped here and the match is exact (scaled up to the source's size, three classes would be capped)."""
+    labels = np.repeat(np.arange(4), 100)
+    target = np.array([40, 20, 10, 5])
+    kept, distance = data.frequency_matched_subset(labels, target, np.random.default_rng(0), target_size=75)
+    assert np.bincount(labels[kept], minlength=4).tolist() == [40, 20, 10, 5] and distance == 0
+    assert len(set(kept.tolist())) == len(kept)
 
 
 def test_open_world_samples(tmp_path):
@@ -382,6 +413,28 @@ def test_incaps_loader(tmp_path):
         data.load_data(opts(tmp_path, "--data", "incaps", "--data-root", str(root), "--train-file", str(root / "w.json")))
 
 
+def test_tsv_labels_by_name_synonym_or_wnid(tmp_path):
+    """With all 1,000 classes: a class's own name wins over another class's synonym ('partridge' is also a
+    synonym of ruffed grouse), a wnid names its class, and a synonym of several classes is refused."""
+    names, syns, wnids = data.imagenet_classnames(), data.imagenet_synonyms(), data.imagenet_wnids()
+    png(str(tmp_path / "img" / "0.png"))
+    partridge = names.index("partridge")
+    assert any("partridge" in [x.lower() for x in syns[c]] for c in range(partridge))  # an earlier class's synonym
+    owners = {}
+    for c, ss in enumerate(syns):
+        for x in {x.lower() for x in ss}:
+            owners.setdefault(x, []).append(c)
+    lowered = {n.lower() for n in names}
+    shared = sorted(x for x, cs in owners.items() if len(cs) > 1 and x not in lowered)[0]
+    write_tsv(tmp_path / "names.tsv", [("img/0.png", "partridge", "x"), ("img/0.png", wnids[7], "x")])
+    flags = ["--data", "tsv", "--classes", "in1k", "--image-size", "8"]
+    d = data.load_data(opts(tmp_path, *flags, "--train-file", str(tmp_path / "names.tsv")), need_test=False)
+    assert d.train.labels.tolist() == [partridge, 7]
+    write_tsv(tmp_path / "shared.tsv", [("img/0.png", shared, "x")])
+    with pytest.raises(ValueError, match=r"shared\.tsv:2: label .* is a synonym of several classes"):
+        data.load_data(opts(tmp_path, *flags, "--train-file", str(tmp_path / "shared.tsv")), need_test=False)
+
+
 def write_tsv(path, rows, header="filepath\tlabel\tcaption"):
     path.write_text(header + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
 
@@ -400,6 +453,11 @@ def test_tsv_loader(tmp_path):
     assert d.train_counts[:2].tolist() == [2, 2] and len(d.test) == 4
     t = data.load_data(argparse.Namespace(**{**vars(a), "captions": "template"}))
     assert "American robin" in t.train[0][2]
+    # a TSV quote is just a character (web captions): an unclosed one must not swallow the following rows
+    quoted = [("img/0.png", 0, '"Best robin" ever'), ("img/1.png", 0, '"unclosed'), ("img/2.png", 1, "lizard")]
+    write_tsv(tmp_path / "quotes.tsv", quoted)
+    q = data.load_data(argparse.Namespace(**{**vars(a), "train_file": str(tmp_path / "quotes.tsv")}))
+    assert [q.train[i][2] for i in range(3)] == ['"Best robin" ever', '"unclosed', "lizard"]
     # bad input: malformed row, label outside the class list, unknown class name, missing file
     write_tsv(tmp_path / "short.tsv", [("img/0.png", 0, "ok"), ("img/1.png", 3)])
     with pytest.raises(ValueError, match=r"short\.tsv:3: expected 3 columns"):
@@ -431,8 +489,22 @@ def test_unreadable_images_are_skipped_then_stop(tmp_path, capsys):
     assert torch.equal(items[9][0], items[0][0])  # the unreadable sample 9 was replaced by sample 0
     assert "9.png" in capsys.readouterr().err
     d = data.load_data(opts(tmp_path, *base, "--max-bad-frac", "0.05"))
-    with pytest.raises(RuntimeError, match="more than --max-bad-frac"):
+    with pytest.raises(ValueError, match="more than --max-bad-frac"):
         [d.train[i] for i in range(10)]
+
+
+def test_bad_image_fraction_is_judged_on_the_files_a_worker_reads(tmp_path):
+    """A DataLoader worker reads only its share: 4 bad files in the 20 it reads are 20 %, not 4 of 40."""
+    for k in range(40):
+        if k % 5 == 0:
+            (tmp_path / f"{k}.png").write_bytes(b"not a png")
+        else:
+            png(str(tmp_path / f"{k}.png"))
+    files = data.FileTestSet([str(tmp_path / f"{k}.png") for k in range(40)], [0] * 40, None, max_bad_frac=0.1)
+    with pytest.raises(ValueError, match="more than --max-bad-frac 0.1"):
+        [files[i] for i in range(20)]  # the first half, as one of two workers
+    with pytest.raises(ValueError, match="more than --max-bad-frac"):  # and through a 2-worker DataLoader
+        list(torch.utils.data.DataLoader(data.FileTestSet(files.paths, [0] * 40, lambda im: 0, 0.1), num_workers=2))
 
 
 def test_imagefolder_loader_and_extra_eval(tmp_path):
@@ -449,6 +521,15 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
         assert data.load_data(opts(tmp_path, *folder, "--captions", "natural")).train[0][2] == d.train[0][2]
     assert d.classnames == ["cats", "dogs"] and d.train_counts.tolist() == [3, 1] and d.imagenet_ids == [-1, -1]
     assert d.train[0][2] in {t("cats") for t in data.caption_templates()}  # template captions
+    with pytest.raises(ValueError, match="--open-world needs captions"):
+        data.load_data(opts(tmp_path, *folder, "--open-world", "10"))
+    # DIR/<class>/* beside DIR/val (no train/ folder): val is the test set, not a class
+    flat = tmp_path / "flat"
+    for name in ("cats", "dogs"):
+        png(str(flat / name / "0.png"))
+    png(str(flat / "val" / "cats" / "v.png"))
+    f = data.load_data(opts(tmp_path, "--data", "imagefolder", "--data-root", str(flat), "--image-size", "8"))
+    assert f.classnames == ["cats", "dogs"] and len(f.train) == 2 and len(f.test) == 1
     # no test set: an error, except for a caller that evaluates on other data (DINO's pre-training)
     no_val = tmp_path / "no_val"
     png(str(no_val / "train" / "cats" / "0.png"))

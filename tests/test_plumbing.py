@@ -182,3 +182,14 @@ def test_run_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path):
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "fails.py: error: --voc 500 is larger than the 100 classes"
+    # raised in a DataLoader worker: the error is the worker's own message, still one line
+    script.write_text("import torch, data\n"
+                      "class Bad(torch.utils.data.Dataset):\n"
+                      "    def __len__(self): return 4\n"
+                      "    def __getitem__(self, i): raise ValueError('3 of 4 images read so far are unreadable')\n"
+                      "def main():\n    list(torch.utils.data.DataLoader(Bad(), num_workers=1))\n"
+                      "data.run_cli(main)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fails.py: error: 3 of 4 images read so far are unreadable"
