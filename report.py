@@ -501,11 +501,12 @@ def claim_sl_more_biased(runs, margin=0.1):
     clip = {label: stat(runs, exp, "corr_pred") for label, exp in CAPTION_RUNS}
     rows = [["SL, all classes", "`sl_voc0`", fmt(sl)]]
     rows += [[f"CLIP, {label} captions", f"`{exp}`", fmt(clip[label])] for label, exp in CAPTION_RUNS]
-    measured = [s for s in clip.values() if s is not None]
-    ok = None if sl is None or not measured else all(sl.mean - s.mean > margin + max(sl.std, s.std) for s in measured)
+    ok = None  # every caption variant is needed: a verdict on some of them would be a different claim
+    if sl is not None and None not in clip.values():
+        ok = all(sl.mean - s.mean > margin + max(sl.std, s.std) for s in clip.values())
     return claim("Fig. 1b / 3a", "Supervised learning's per-class prediction counts correlate with class frequency "
                  "far more than CLIP's.",
-                 f"SL's Spearman(prediction count, frequency) exceeds that of every CLIP caption variant measured by "
+                 f"SL's Spearman(prediction count, frequency) exceeds that of every CLIP caption variant by "
                  f"more than {margin} (plus the larger seed std).", ["run", "experiment", "corr_pred"], rows,
                  verdict_of(ok))
 
@@ -574,33 +575,42 @@ def claim_descriptive_captions(runs):
                  ["captions", "experiment", "top1", "corr_pred"], rows, verdict_of(ok))
 
 
+def all_scales(runs):
+    """The data fractions any text-encoder mode of Fig. 5 has: every mode should have all of them."""
+    return sorted({f for _, mode in TEXT_MODES for f in scale_series(runs, mode)})
+
+
 def claim_more_data(runs):
-    rows, checks = [], []
+    rows, checks, scales = [], [], all_scales(runs)
     for label, mode in TEXT_MODES:
-        pts = [(f, exp, stat(runs, exp, "top1"), stat(runs, exp, "corr_pred")) for f, exp in scale_series(runs, mode).items()]
-        rows += [[label, f"{f:g}", f"`{exp}`", fmt(a), fmt(c)] for f, exp, a, c in pts]
-        pts = [(a, c) for _, _, a, c in pts if a is not None and c is not None]
-        if len(pts) >= 2:
-            (a0, c0), (a1, c1) = pts[0], pts[-1]
-            checks.append(greater(a1, a0) and greater(c0, c1))
-    ok = all(checks) if checks else None
+        series = scale_series(runs, mode)
+        pts = [(f, series.get(f), stat(runs, series[f], "top1") if f in series else None,
+                stat(runs, series[f], "corr_pred") if f in series else None) for f in scales]
+        rows += [[label, f"{f:g}", f"`{exp}`" if exp else MISSING, fmt(a), fmt(c)] for f, exp, a, c in pts]
+        if len(pts) < 2 or any(a is None or c is None for _, _, a, c in pts):
+            checks.append(None)  # a mode without every scale (the smallest and largest above all)
+            continue
+        (_, _, a0, c0), (_, _, a1, c1) = pts[0], pts[-1]
+        checks.append(greater(a1, a0) and greater(c0, c1))
+    ok = None if None in checks or not checks else all(checks)
     return claim("Fig. 5", "More data lowers the correlation and raises the accuracy together.",
-                 "For every text-encoder mode with two or more data scales, the largest scale has a higher top-1 and "
-                 "a lower Spearman(prediction count, frequency) than the smallest.",
+                 "For every text-encoder mode, measured at the same two or more data scales, the largest scale has a "
+                 "higher top-1 and a lower Spearman(prediction count, frequency) than the smallest.",
                  ["text encoder", "fraction", "experiment", "top1", "corr_pred"], rows, verdict_of(ok))
 
 
 def compare_modes(runs, better, worse):
-    """[(fraction, top-1 Stat of `better`, of `worse`)] at the data scales both text-encoder modes have."""
+    """[(fraction, top-1 Stat of `better`, of `worse`)] at every data scale of Fig. 5 (None where a mode lacks
+    it: the claims then say 'missing runs' rather than judge on the scales that happen to be there)."""
     a, b = scale_series(runs, better), scale_series(runs, worse)
-    return [(f, stat(runs, a[f], "top1"), stat(runs, b[f], "top1")) for f in a if f in b]
+    top1 = lambda series, f: stat(runs, series[f], "top1") if f in series else None
+    return [(f, top1(a, f), top1(b, f)) for f in all_scales(runs)]
 
 
 def claim_frozen_text_helps(runs):
     pairs = compare_modes(runs, "frozen", "scratch")
     rows = [[f"{f:g}", fmt(a), fmt(b)] for f, a, b in pairs]
-    pairs = [(a, b) for _, a, b in pairs if a is not None and b is not None]
-    ok = all(greater(a, b) for a, b in pairs) if pairs else None
+    ok = None if not pairs or any(None in (a, b) for _, a, b in pairs) else all(greater(a, b) for _, a, b in pairs)
     return claim("Fig. 5", "A frozen pre-trained text encoder helps CLIP.",
                  "At every data scale measured, CLIP with the frozen pre-trained text tower has a higher top-1 than "
                  "CLIP from scratch.", ["fraction", "top1 frozen", "top1 scratch"], rows, verdict_of(ok))
@@ -609,8 +619,7 @@ def claim_frozen_text_helps(runs):
 def claim_finetune_overfits(runs):
     pairs = compare_modes(runs, "frozen", "finetune")
     rows = [[f"{f:g}", fmt(a), fmt(b)] for f, a, b in pairs]
-    pairs = [(a, b) for _, a, b in pairs if a is not None and b is not None]
-    ok = all(greater(a, b) for a, b in pairs) if pairs else None
+    ok = None if not pairs or any(None in (a, b) for _, a, b in pairs) else all(greater(a, b) for _, a, b in pairs)
     return claim("Fig. 5", "Fine-tuning the pre-trained text encoder over-fits (worse than keeping it frozen).",
                  "At every data scale measured, the fine-tuned text tower gives a lower top-1 than the frozen one.",
                  ["fraction", "top1 frozen", "top1 fine-tuned"], rows, verdict_of(ok))

@@ -112,7 +112,9 @@ case $MODE in
         DINO_K=256 DINO_SMALL=64 DINO_VOCS=(64) ;;
     paper)
         NPROC=${NPROC:-4}
-        LAUNCH=(torchrun "--nproc_per_node=$NPROC") JOBS=${JOBS:-1} THREADS=${THREADS:-}
+        # --standalone: a free rendezvous port per run; one run at a time, since each takes all NPROC GPUs
+        LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC") JOBS=${JOBS:-1} THREADS=${THREADS:-}
+        ((JOBS == 1)) || die "--jobs $JOBS: paper runs take all NPROC=$NPROC GPUs each (torchrun); they run one at a time"
         RECIPE=(--recipe paper --amp --workers "${WORKERS:-8}")
         DATA=()
         CLIP=("${RECIPE[@]}") SL=("${RECIPE[@]}") DINO=("${RECIPE[@]}") TEXTPRE=()

@@ -146,10 +146,14 @@ def test_each_claim_flips_on_its_own_numbers(tmp_path, claim_name, run, values):
 @pytest.mark.parametrize("claim_name,run", [
     ("claim_sl_more_biased", "sl_voc0"), ("claim_descriptive_captions", "clip_title"),
     ("claim_voc_clip_like_tail", "clip-frozen_tail0"), ("claim_dino_small_head_worse", "dino_small-head"),
-    ("claim_dino_subsampling_narrows_gap", "dino_vanilla"), ("claim_frozen_text_helps", "clip_frozen_frac0.25")])
+    ("claim_dino_subsampling_narrows_gap", "dino_vanilla"), ("claim_frozen_text_helps", "clip_frozen_frac0.25"),
+    # a verdict on the runs that happen to be there would judge a different claim
+    ("claim_sl_more_biased", "clip_title-desc"), ("claim_more_data", "clip_scratch_frac1"),
+    ("claim_more_data", "clip_finetune_frac0.25"), ("claim_finetune_overfits", "clip_finetune_frac0.5"),
+    ("claim_frozen_text_helps", "clip_scratch_frac1")])
 def test_a_missing_run_is_missing_not_a_verdict(tmp_path, claim_name, run):
     runs = fabricate(tmp_path, skip=(run,))
-    if claim_name == "claim_frozen_text_helps":  # every frozen run gone
+    if run == "clip_frozen_frac0.25":  # every frozen run gone
         runs = {k: v for k, v in runs.items() if not k.startswith("clip_frozen")}
     assert verdicts(runs)[claim_name] == "missing runs"
 

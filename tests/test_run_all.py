@@ -146,7 +146,7 @@ def test_paper_dry_run_parses_with_every_scripts_parser(paper_env):
     proc = run_all("--dry-run", env=paper_env)
     commands = planned_commands(proc.stdout)
     runs = check_plan(commands, "runs/paper", gpu=True)
-    assert all(launcher == ["torchrun", "--nproc_per_node=4"] for s, _, launcher in commands if s != "report.py")
+    assert all(launcher == ["torchrun", "--standalone", "--nproc_per_node=4"] for s, _, launcher in commands if s != "report.py")
     assert all(args.recipe == "paper" and args.amp for name, args in runs.items() if name != "fig1_pretrained")
     assert runs["clip_template_s0"].data == "incaps" and runs["clip_template_s0"].data_root == paper_env["INCAPS_ROOT"]
     assert runs["clip_template_s0"].val_root == paper_env["IMAGENET_VAL"]
@@ -174,7 +174,8 @@ def test_paper_without_data_skips_every_section_with_a_message():
 
 
 @pytest.mark.parametrize("argv,message", [(["--only", "fig99"], "unknown section"), (["--bogus"], "unknown option"),
-                                          (["--seeds", "a b"], "--seeds"), (["--out"], "needs a value")])
+                                          (["--seeds", "a b"], "--seeds"), (["--out"], "needs a value"),
+                                          (["--jobs", "2"], "one at a time")])
 def test_bad_options_fail_in_one_line(argv, message):
     """(also: an interpreter without torch stops run_all.sh before any run, in one line)"""
     proc = run_all(*argv, "--dry-run", check=False) if argv != ["--out"] else run_all("--dry-run", *argv, check=False)
