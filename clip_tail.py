@@ -325,11 +325,12 @@ def evaluate_and_write(model, tokenizer, data, train_counts, out, dist, args, ex
     preds, labels, features = zero_shot_predict(model, classifier, data.test, dist, args)
     if not dist.is_main:
         return None
-    final = metrics.write_eval_outputs(out, preds, labels, train_counts, data.classnames, features, classifier,
-                                       data.tail_classes, extra)
-    if args.export_head:
+    if args.export_head:  # before final.json, which run_all.sh takes as "finished"
+        os.makedirs(os.path.dirname(os.path.abspath(args.export_head)), exist_ok=True)
         save_checkpoint(args.export_head, {"prototypes": classifier.float().cpu(), "classnames": list(data.classnames),
                                            "imagenet_ids": list(data.imagenet_ids), "templates": args.templates})
+    final = metrics.write_eval_outputs(out, preds, labels, train_counts, data.classnames, features, classifier,
+                                       data.tail_classes, extra)
     print(f"zero-shot top-1 {final['top1']:.4f}  corr_acc {final['corr_acc']:.3f}  "
           f"corr_pred {final['corr_pred']:.3f}  ({out})")
     return final

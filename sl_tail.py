@@ -401,16 +401,16 @@ def main(argv=None):
                                                           longtail.classnames, features, prototypes,
                                                           longtail.tail_classes))
     features, preds, labels = evaluate(raw_model, longtail.test, dist, args, log_prior)
-    if dist.is_main:
-        final = metrics.write_eval_outputs(args.out, preds, labels, longtail.train_counts, longtail.classnames,
-                                           features=features, classifier=prototypes,
-                                           tail_classes=longtail.tail_classes, extra=extra)
+    if dist.is_main:  # final.json last: run_all.sh counts a run with it as finished
         sample = affinity_class_sample(num_classes, longtail.train_counts, longtail.tail_classes,
                                        args.affinity_classes)
         np.savez(os.path.join(args.out, "affinity.npz"), classes=np.array(sample, dtype=np.int64),
                  classnames=np.array([longtail.classnames[c] for c in sample]),
                  is_tail=np.isin(sample, [] if longtail.tail_classes is None else longtail.tail_classes),
                  affinity=metrics.affinity_matrix(prototypes, sample))
+        final = metrics.write_eval_outputs(args.out, preds, labels, longtail.train_counts, longtail.classnames,
+                                           features=features, classifier=prototypes,
+                                           tail_classes=longtail.tail_classes, extra=extra)
         shown = ["top1", "corr_acc", "corr_pred", "top1_tail", "top1_other", "voc_effective"]
         print("final: " + " ".join(f"{k} {final[k]:.4f}" for k in shown if final.get(k) is not None))
 
