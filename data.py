@@ -1541,8 +1541,9 @@ def estimate_class_frequency(captions, classnames, synonyms, negatives=None):
     words of any of its synonyms occur in the caption (set-level, order-free, after lemmatising), and
     none of the class's negative words does. A caption may match several classes.
 
-    negatives: {class index or class name: [words]} (words that signal a different sense, e.g.
-    'crane' the bird vs 'construction'). Returns (counts int64 [C], matched class lists per caption)."""
+    negatives: {class index or class name: [words]} (words that signal a different sense, e.g. 'bird' for
+    'crane' the machine; a caption with any word of a negative phrase is no match, as in the authors'
+    script). Returns (counts int64 [C], matched class lists per caption)."""
     C = len(classnames)
     neg = [set() for _ in range(C)]
     name_pos = {n: c for c, n in enumerate(classnames)}
@@ -1550,7 +1551,7 @@ def estimate_class_frequency(captions, classnames, synonyms, negatives=None):
         c = name_pos.get(key, key)
         if not isinstance(c, int) or not 0 <= c < C:
             raise ValueError(f"negatives: unknown class {key!r}")
-        neg[c] |= {lemmatize_noun(w) for w in words}
+        neg[c] = neg[c].union(*(caption_words(w) for w in words))
     # index every synonym by one of its words, so a caption only checks synonyms it might contain
     by_word = {}
     for c in range(C):
@@ -1589,17 +1590,22 @@ def _read_caption_file(path):
 
 
 def count_freq_main(argv):
-    """python data.py count-freq FILE --classes in100|in1k [--negatives JSON] [--out F]"""
+    """python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]"""
     p = argparse.ArgumentParser(prog="data.py count-freq", description="Class frequencies of captions (Appx. B.2)")
     p.add_argument("file", help="captions: a text file (one a line) or a .tsv/.csv with a 'caption' column")
     p.add_argument("--classes", default="in1k", help="in100, in1k or rand<K>")
-    p.add_argument("--negatives", default=None, help="JSON file {classname: [negative words]}")
+    p.add_argument("--negatives", default="paper", help="'paper': the paper's negative words for nine ambiguous "
+                   "classes (metadata/count_freq_negatives.json); 'none'; or a JSON file {classname: [words]}")
     p.add_argument("--out", default=None, help="write 'classname<TAB>count' lines here (default: stdout)")
     a = p.parse_args(argv)
     ids = select_classes(a.classes)
     names, syns = imagenet_classnames(), imagenet_synonyms()
     negatives = None
-    if a.negatives:
+    if a.negatives == "paper":  # keyed by ImageNet class index
+        with open(os.path.join(METADATA_DIR, "count_freq_negatives.json")) as f:
+            position = {iid: k for k, iid in enumerate(ids)}
+            negatives = {position[int(i)]: words for i, words in json.load(f).items() if int(i) in position}
+    elif a.negatives != "none":
         with open(_need_path(a.negatives, "--negatives")) as f:
             negatives = json.load(f)
     counts, matches = estimate_class_frequency(_read_caption_file(a.file), [names[i] for i in ids],
@@ -1936,6 +1942,6 @@ if __name__ == "__main__":
         if len(sys.argv) >= 2 and sys.argv[1] == "count-freq":
             count_freq_main(sys.argv[2:])
         else:
-            sys.exit("usage: python data.py count-freq FILE --classes in100|in1k [--negatives JSON] [--out F]")
+            sys.exit("usage: python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"data.py: error: {e}")

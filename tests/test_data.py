@@ -328,6 +328,15 @@ def test_count_freq_cli(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "count-freq", str(tmp_path / "nope.txt")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "nope.txt" in r.stderr
+    # the paper's negative words (Appx. B.2): 'ram' (the sheep, class 348) is not a memory chip, and the
+    # 'crane' synonym (class 517, the machine) is not a bird; a word of a negative phrase suffices
+    f.write_text("a ram on the hill\nram memory chip\nrandom ram\na crane lifting steel\na crane bird\n")
+    for negatives, ram, crane in [("paper", 1, 1), ("none", 3, 2)]:
+        r = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "count-freq", str(f), "--classes", "in1k",
+                            "--negatives", negatives, "--out", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        counts = data.read_frequency_table(str(out))[1]
+        assert (counts[348], counts[517]) == (ram, crane), negatives
 
 
 # ---------------------------------------------------------------- heads and profiles
