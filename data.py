@@ -847,7 +847,7 @@ def _fraction(text):
     try:
         num, _, den = str(text).partition("/")
         value = float(num) / float(den) if den else float(num)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a fraction: {text!r}")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"fraction must be in (0, 1], got {text!r}")

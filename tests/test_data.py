@@ -133,6 +133,13 @@ def test_trim_tail_keeps_short_classes_and_reports_the_tail(tmp_path):
     assert len(zero.tail_classes) == 5  # nothing cut, still a tail to report top1_tail on
 
 
+@pytest.mark.parametrize("text", ["1/0", "abc", "0", "3/2"])
+def test_bad_subset_fraction_is_an_argparse_error(text, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        opts(tmp_path, "--subset-frac", text)
+    assert stop.value.code == 2 and "--subset-frac" in capsys.readouterr().err
+
+
 def test_uniform_subset_and_size_match(tmp_path):
     full = small(tmp_path, "--profile", "laionet-0.7")
     d = small(tmp_path, "--profile", "laionet-0.7", "--subset-frac", "1/8")
