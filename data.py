@@ -142,7 +142,7 @@ def read_frequency_table(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"frequency table not found: {path}")
     names, counts = [], []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -1175,7 +1175,7 @@ def _real_test(opts, data_root, classnames, imagenet_ids, transform):
 def _read_incaps_json(path):
     """ImageNet-Captions entries: a JSON list, or JSON Lines, of {wnid, filename, title, description,
     tags}. Returns [(where, entry)] with `where` naming the entry (line number for JSON Lines)."""
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     if text.lstrip().startswith("["):
         try:
@@ -1273,7 +1273,7 @@ def _load_tsv(opts, train_transform, test_transform):
     ambiguous = {s for s, n in shared.items() if n > 1} - {name.lower() for name in classnames}
     concept_of = _imagenet_concepts(class_ids)
     paths, labels, captions = [], [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a BOM must not hide the header
         reader = _table_reader(f, path)
         header = next(reader, None)
         cols = [h.strip().lower() for h in header] if header else []
@@ -1578,14 +1578,14 @@ def _read_caption_file(path):
     """Captions from a text file (one a line), or from the 'caption' column of a .tsv/.csv with header."""
     _need_path(path, "caption file")
     if path.lower().endswith((".tsv", ".csv")):
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = _table_reader(f, path)
             header = [h.strip().lower() for h in next(reader, [])]
             if "caption" not in header:
                 raise ValueError(f"{path}:1: no 'caption' column in the header {header}")
             col = header.index("caption")
             return [row[col] for row in reader if len(row) > col]
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [line.rstrip("\n") for line in f]
 
 

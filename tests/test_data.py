@@ -469,6 +469,10 @@ def test_tsv_loader(tmp_path):
     assert d.train_counts[:2].tolist() == [2, 2] and len(d.test) == 4
     t = data.load_data(argparse.Namespace(**{**vars(a), "captions": "template"}))
     assert "American robin" in t.train[0][2]
+    # a file saved with a byte-order mark (spreadsheet exports) reads the same
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "train.tsv").read_bytes())
+    bom = data.load_data(argparse.Namespace(**{**vars(a), "train_file": str(tmp_path / "bom.tsv")}))
+    assert bom.train.labels.tolist() == d.train.labels.tolist()
     # a TSV quote is just a character (web captions): an unclosed one must not swallow the following rows
     quoted = [("img/0.png", 0, '"Best robin" ever'), ("img/1.png", 0, '"unclosed'), ("img/2.png", 1, "lizard")]
     write_tsv(tmp_path / "quotes.tsv", quoted)
