@@ -281,7 +281,11 @@ def train_one_epoch(model, loss_fn, tokenizer, optimizer, scheduler, data, epoch
         with torch.no_grad():  # learnable temperature, clamped at 100 as in CLIP / open_clip
             unwrap(model).logit_scale.clamp_(0, math.log(100))
         losses.append(rank_losses.mean().item())
-        batch_classes.append(count_batch_classes(all_gather_cat(labels, dist)))
+        if args.local_loss:  # each process contrasts only its own samples: the mean of their class counts
+            counts = all_gather_cat(torch.tensor([count_batch_classes(labels)], dtype=torch.float64), dist)
+            batch_classes.append(counts.mean().item())
+        else:
+            batch_classes.append(count_batch_classes(all_gather_cat(labels, dist)))
     return float(np.mean(losses)), float(np.mean(batch_classes))
 
 

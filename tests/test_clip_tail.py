@@ -243,6 +243,21 @@ def test_two_processes_agree_with_one(world_cache, tmp_path):
     np.testing.assert_array_equal(e1["preds"], e2["preds"])
 
 
+def test_local_loss_counts_each_process_own_classes(world_cache, tmp_path):
+    """--local-loss: each process contrasts its own half of the batch, so a step's vocabulary is the mean of
+    the two halves' class counts (recounted here from the samplers' shards), not the global batch's."""
+    out = tmp_path / "local"
+    run_script([*tiny_flags(world_cache), "--epochs", "1", "--local-loss", "--out", str(out)],
+               prefix=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    world = load_tiny_data(world_cache)
+    shards = [data.GlobalBatchSampler(range(len(world.train)), 64, data.Dist(rank=r, world_size=2), seed=0)
+              for r in range(2)]
+    per_step = [np.mean([len({int(world.train.labels[i]) for i in b} - {-1}) for b in batches])
+                for batches in zip(*shards)]
+    (log,) = read_log(out)
+    assert log["batch_classes"] == pytest.approx(np.mean(per_step), rel=1e-9)
+
+
 def test_kill_and_resume_equals_uninterrupted(reference_run, world_cache, tmp_path):
     out = tmp_path / "killed"
     args = [*tiny_flags(world_cache), "--epochs", str(EPOCHS), "--out", str(out)]
