@@ -1135,11 +1135,14 @@ def _image_folder(root):
 
 def eval_image_folder(root, classnames, imagenet_ids, transform, max_bad_frac=0.01):
     """An evaluation ImageFolder mapped onto the current classes. Folder names may be wnids (ImageNet
-    val), ImageNet class indices 0..999 (ImageNet-V2's layout) or class names; folders of classes that
-    are not evaluated are skipped (e.g. 1000-class ImageNet-V2 when evaluating ImageNet-100)."""
-    lookup = _class_lookup(classnames, imagenet_ids)
+    val), ImageNet class indices 0..999 (ImageNet-V2's layout), class names or WordNet synonyms; folders
+    of classes that are not evaluated are skipped (e.g. 1000-class ImageNet-V2 when evaluating
+    ImageNet-100), and evaluated classes without a folder are named in a warning."""
+    all_synonyms = imagenet_synonyms()
+    synonyms = [all_synonyms[i] if i >= 0 else [name] for name, i in zip(classnames, imagenet_ids)]
+    lookup = _class_lookup(classnames, imagenet_ids, synonyms)
     by_iid = {iid: c for c, iid in enumerate(imagenet_ids) if iid >= 0}
-    paths, labels, matched = [], [], 0
+    paths, labels = [], []
     for folder, files in _image_folder(root):
         if folder.isdigit() and by_iid:
             c = by_iid.get(int(folder))
@@ -1147,12 +1150,15 @@ def eval_image_folder(root, classnames, imagenet_ids, transform, max_bad_frac=0.
             c = lookup.get(folder) if folder in lookup else lookup.get(folder.lower().replace("_", " "))
         if c is None:
             continue
-        matched += 1
         paths += files
         labels += [c] * len(files)
     if not paths:
         raise ValueError(f"{root}: no folder matches the {len(classnames)} evaluated classes "
                          f"(use wnids, ImageNet indices or class names as folder names)")
+    absent = [classnames[c] for c in sorted(set(range(len(classnames))) - set(labels))]
+    if absent:  # a spelling the lookup does not know would silently shrink the evaluation
+        warnings.warn(f"{root}: {len(absent)} of the {len(classnames)} evaluated classes have no folder "
+                      f"(e.g. {', '.join(absent[:3])}); they are left out of this evaluation")
     return FileTestSet(paths, labels, transform, max_bad_frac)
 
 

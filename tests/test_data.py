@@ -561,9 +561,19 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
     v2 = tmp_path / "v2"
     for i in [IN100[0], IN100[5], 0]:  # class 0 is not in ImageNet-100: skipped
         png(str(v2 / str(i) / "a.png"))
-    s = data.load_data(opts(tmp_path, "--num-train", "200", "--num-test-per-class", "1", "--extra-eval", f"v2={v2}"))
+    with pytest.warns(UserWarning, match="98 of the 100 evaluated classes have no folder"):
+        s = data.load_data(opts(tmp_path, "--num-train", "200", "--num-test-per-class", "1", "--extra-eval",
+                                f"v2={v2}"))
     ev = s.extra_eval["v2"]
     assert sorted(ev.labels.tolist()) == [0, 5]
+    # a folder named by a WordNet synonym of an evaluated class (not its CLIP name) is that class
+    names, lowered = s.classnames, {n.lower() for n in s.classnames}
+    k, synonym = next((k, x) for k in range(100) for x in data.imagenet_synonyms()[IN100[k]]
+                      if x.lower() not in lowered)
+    png(str(tmp_path / "by_name" / synonym / "a.png"))
+    with pytest.warns(UserWarning, match="99 of the 100"):
+        folder = data.eval_image_folder(str(tmp_path / "by_name"), names, s.imagenet_ids, None)
+    assert folder.labels.tolist() == [k]
     x, y = ev[0]
     assert x.shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="nowhere"):
