@@ -898,9 +898,14 @@ def add_data_args(parser):
     return parser
 
 
+def _data_flag_defaults():
+    """{dest: default} of the shared data flags (add_data_args)."""
+    return vars(add_data_args(argparse.ArgumentParser()).parse_args([]))
+
+
 def _data_options(args):
     """args (a Namespace, possibly lacking some data flags) merged over the flag defaults."""
-    opts = vars(add_data_args(argparse.ArgumentParser()).parse_args([]))
+    opts = _data_flag_defaults()
     opts.update({k: v for k, v in vars(args).items() if k in opts})
     return argparse.Namespace(**opts)
 
@@ -1267,7 +1272,8 @@ def _table_reader(f, path):
 def _load_tsv(opts, train_transform, test_transform):
     """--data tsv --train-file F: header row with columns filepath, label, caption (tab-separated;
     a .csv file is comma-separated). label = index into the --classes list (for in1k: the ImageNet
-    class index), a class name, a WordNet synonym of one class only, or a wnid. Relative file paths are relative to --data-root,
+    class index), a class name, a WordNet synonym of one class only, or a wnid. Relative file paths are
+    relative to --data-root,
     else to the file's folder. Test set from --val-root."""
     path = _need_path(opts.train_file, "--train-file")
     base = opts.data_root or os.path.dirname(os.path.abspath(path))
@@ -1453,7 +1459,8 @@ def frequency_matched_subset(labels, target, rng, target_size=None):
 
 def trim_tail(labels, counts, k, shots, rng):
     """Cut the k least frequent classes to `shots` samples each (Sec. 4.1, one-shot / zero-shot tails;
-    a class with fewer keeps what it has). Ties in frequency are broken by a seeded random order. Returns (kept indices, tail classes)."""
+    a class with fewer keeps what it has). Ties in frequency are broken by a seeded random order.
+    Returns (kept indices, tail classes)."""
     labels, counts = np.asarray(labels), np.asarray(counts)
     if not 0 < k <= len(counts):
         raise ValueError(f"--trim-tail must be in [1, {len(counts)}], got {k}")
@@ -1858,7 +1865,7 @@ def write_json(path, obj):
 
 def data_flag_names():
     """The dests of the shared data flags (add_data_args)."""
-    return set(vars(add_data_args(argparse.ArgumentParser()).parse_args([])))
+    return set(_data_flag_defaults())
 
 
 def warn_changed_flags(saved, args, source, keys=None):

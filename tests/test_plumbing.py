@@ -173,23 +173,27 @@ def test_check_finite_names_the_step():
         data.check_finite(torch.tensor(float("nan")), epoch=2, step=7)
 
 
-def test_run_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path):
+def _run_fails_py(tmp_path, code):
+    """Run `code` as a script fails.py with the repository importable; the finished process."""
     script = tmp_path / "fails.py"
-    script.write_text("import data\n"
-                      "def main():\n    raise ValueError('--voc 500 is larger than the 100 classes')\n"
-                      "data.run_cli(main)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_run_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path):
+    proc = _run_fails_py(tmp_path, "import data\n"
+                                   "def main():\n    raise ValueError('--voc 500 is larger than the 100 classes')\n"
+                                   "data.run_cli(main)\n")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "fails.py: error: --voc 500 is larger than the 100 classes"
     # raised in a DataLoader worker: the error is the worker's own message, still one line
-    script.write_text("import torch, data\n"
-                      "class Bad(torch.utils.data.Dataset):\n"
-                      "    def __len__(self): return 4\n"
-                      "    def __getitem__(self, i): raise ValueError('3 of 4 images read so far are unreadable')\n"
-                      "def main():\n    list(torch.utils.data.DataLoader(Bad(), num_workers=1))\n"
-                      "data.run_cli(main)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    proc = _run_fails_py(tmp_path, "import torch, data\n"
+                                   "class Bad(torch.utils.data.Dataset):\n"
+                                   "    def __len__(self): return 4\n"
+                                   "    def __getitem__(self, i): raise ValueError('3 of 4 images read so far are "
+                                   "unreadable')\n"
+                                   "def main():\n    list(torch.utils.data.DataLoader(Bad(), num_workers=1))\n"
+                                   "data.run_cli(main)\n")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "fails.py: error: 3 of 4 images read so far are unreadable"
