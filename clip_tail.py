@@ -393,7 +393,7 @@ def pretrained_model(name, tag, device):
 def validation_only_data(args, transform):
     """Fig. 1b needs no training set: the --classes of ImageNet (in1k for the full val set) read from the
     --val-root ImageFolder (and --extra-eval folders), frequencies from a table (--freq-table / :FREQ)."""
-    ids = select_classes(args.classes, args.data_seed)
+    ids = select_classes(args.classes)
     names, synonyms = [imagenet_classnames()[i] for i in ids], [imagenet_synonyms()[i] for i in ids]
     folders = dict(spec.partition("=")[::2] for spec in args.extra_eval)
     return LongTailData(classnames=names, synonyms=synonyms, imagenet_ids=ids, train_counts=None, train=None,

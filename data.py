@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -105,17 +106,27 @@ def imagenet100_ids():
         return [int(line) for line in f if line.strip()]
 
 
-def select_classes(spec, seed=0):
-    """ImageNet-1k ids of a class subset: 'in100', 'in1k' or 'rand<K>' (K random classes, seeded)."""
+def select_classes(spec):
+    """ImageNet-1k ids of a class subset: 'in100', 'in1k', 'rand<K>[:SEED]' (K random classes, sorted) or
+    a comma-separated list of ImageNet indices (kept in its order: label k is the k-th).
+
+    rand<K> is the draw of the authors' data_utils/create_incaps_subsets.py (numpy's legacy generator,
+    np.random.seed(42); np.random.choice(1000, K, replace=False)), so their subsets' 0..K-1 labels name
+    the same classes here; ':SEED' draws another subset the same way."""
     if spec == "in100":
         return imagenet100_ids()
     if spec == "in1k":
         return list(range(1000))
-    m = re.fullmatch(r"rand(\d+)", spec)
+    m = re.fullmatch(r"rand(\d+)(?::(\d+))?", spec)
     if m and 1 <= int(m.group(1)) <= 1000:
-        rng = np.random.default_rng([seed, 7])
+        rng = np.random.RandomState(int(m.group(2) or 42))
         return sorted(rng.choice(1000, int(m.group(1)), replace=False).tolist())
-    raise ValueError(f"unknown class set {spec!r}: use in100, in1k or rand<K> with 1 <= K <= 1000")
+    if re.fullmatch(r"\d+(,\d+)*", spec):
+        ids = [int(i) for i in spec.split(",")]
+        if max(ids) < 1000 and len(set(ids)) == len(ids):
+            return ids
+    raise ValueError(f"unknown class set {spec!r}: use in100, in1k, rand<K>[:SEED] with 1 <= K <= 1000, "
+                     "or distinct ImageNet indices 0-999 separated by commas")
 
 
 def _profile_files():
@@ -500,11 +511,24 @@ def build_world(spec, cache_dir=None):
     world = dict(train_images=tr_images, train_concepts=train_concepts, train_attrs=tr_attrs,
                  train_clutter=tr_clutter, test_images=te_images, test_concepts=test_concepts)
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(world, tmp)
-        os.replace(tmp, path)  # atomic: concurrent ranks never see a half-written file
+        _cache_world(world, path)
     return world
+
+
+def _cache_world(world, path):
+    """Write the rendered world to `path` atomically (concurrent ranks, also on other hosts sharing the
+    folder, never see a half-written file). The cache is an optimisation: a failed write is a warning."""
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(world, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not cache the synthetic world at {path} (it will be rendered again next time): {e}")
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def scale_counts(profile, total):
@@ -865,7 +889,9 @@ def add_data_args(parser):
     g.add_argument("--val-root", default=None, help="ImageFolder of ImageNet val (wnid folders) used as test set")
     g.add_argument("--extra-eval", action="append", default=[], metavar="NAME=DIR",
                    help="extra test ImageFolder (wnid, ImageNet-index or class-name folders); repeatable")
-    g.add_argument("--classes", default="in100", help="in100 (default), in1k, or rand<K> (K random ImageNet classes)")
+    g.add_argument("--classes", default="in100",
+                   help="in100 (default), in1k, rand<K>[:SEED] (K random ImageNet classes: the authors' draw, seed 42, "
+                   "unless SEED), or ImageNet indices separated by commas")
     g.add_argument("--profile", default="incaps", help="class-frequency profile of the synthetic training set: "
                    "a name from metadata/freqs (incaps, laionet-0.7, yfcc15m, laion400m, ...), 'uniform', or a table file")
     g.add_argument("--num-train", type=int, default=15000, help="synthetic: labelled training images in total")
@@ -962,7 +988,7 @@ def _load_synthetic(opts, train_transform, test_transform):
         raise ValueError(f"--num-test-per-class must be >= 1, got {opts.num_test_per_class}")
     if opts.diversity < 0:
         raise ValueError(f"--diversity must be >= 0, got {opts.diversity}")
-    class_ids = select_classes(opts.classes, opts.data_seed)
+    class_ids = select_classes(opts.classes)
     counts = scale_counts(frequency_profile(opts.profile, class_ids), opts.num_train)
     # open-world concepts: other ImageNet classes, counted like the evaluated ones (same profile, same scale)
     others = sorted(set(range(1000)) - set(class_ids))
@@ -1214,7 +1240,7 @@ def _load_incaps(opts, train_transform, test_transform):
     root = _need_path(opts.data_root, "--data-root")
     json_path = _need_path(opts.train_file or os.path.join(root, "imagenet_captions.json"), "ImageNet-Captions json")
     image_root = _need_path(os.path.join(root, "train"), "ImageNet train folder")
-    class_ids = select_classes(opts.classes, opts.data_seed)
+    class_ids = select_classes(opts.classes)
     wnid_to_id = {w: i for i, w in enumerate(imagenet_wnids())}
     rows = _read_incaps_json(json_path)
     for where, e in rows:
@@ -1277,7 +1303,7 @@ def _load_tsv(opts, train_transform, test_transform):
     else to the file's folder. Test set from --val-root."""
     path = _need_path(opts.train_file, "--train-file")
     base = opts.data_root or os.path.dirname(os.path.abspath(path))
-    class_ids = select_classes(opts.classes, opts.data_seed)
+    class_ids = select_classes(opts.classes)
     names, syns = imagenet_classnames(), imagenet_synonyms()
     classnames, synonyms = [names[c] for c in class_ids], [syns[c] for c in class_ids]
     by_name = _class_lookup(classnames, class_ids, synonyms)  # names first, then synonyms, wnids
@@ -1606,7 +1632,7 @@ def count_freq_main(argv):
     """python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]"""
     p = argparse.ArgumentParser(prog="data.py count-freq", description="Class frequencies of captions (Appx. B.2)")
     p.add_argument("file", help="captions: a text file (one a line) or a .tsv/.csv with a 'caption' column")
-    p.add_argument("--classes", default="in1k", help="in100, in1k or rand<K>")
+    p.add_argument("--classes", default="in1k", help="in100, in1k, rand<K>[:SEED] or ImageNet indices a,b,...")
     p.add_argument("--negatives", default="paper", help="'paper': the paper's negative words for nine ambiguous "
                    "classes (metadata/count_freq_negatives.json); 'none'; or a JSON file {classname: [words]}")
     p.add_argument("--out", default=None, help="write 'classname<TAB>count' lines here (default: stdout)")

@@ -51,11 +51,11 @@ RECIPES = {
     "paper": dict(model="rn50", epochs=100, batch_size=1024, base_lr=0.03, min_lr=1e-6, weight_decay=1e-4,
                   warmup_epochs=10, prototypes=65536, hidden_dim=2048, teacher_momentum=0.996,
                   global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=8, global_size=224,
-                  local_size=96, workers=10, freeze_last_layer=1),
+                  local_size=96, workers=10, freeze_last_layer=1, crop_interpolation="bicubic"),
     "default": dict(model="rn-small", epochs=6, batch_size=64, base_lr=0.03, min_lr=1e-6, weight_decay=1e-4,
                     warmup_epochs=1, prototypes=4096, hidden_dim=512, teacher_momentum=0.99,
                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=2, global_size=32,
-                    local_size=32, workers=0, freeze_last_layer=0),
+                    local_size=32, workers=0, freeze_last_layer=0, crop_interpolation="bilinear"),
 }
 # CLIP's modified ResNet (open_clip): RN50 for the paper recipe, a small one for 32 px images.
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
@@ -111,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--global-scale", type=_pair, default=None, help="RandomResizedCrop scale of the 2 global crops")
     g.add_argument("--local-scale", type=_pair, default=None, help="RandomResizedCrop scale of the local crops")
     g.add_argument("--local-crops", type=int, default=None, help="number of local crops")
+    g.add_argument("--crop-interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="resampling of the crops (paper recipe: bicubic, DINO's; default recipe: bilinear, which "
+                   "the README's synthetic-world numbers used)")
     g.add_argument("--global-size", type=int, default=None, help="global crop resolution")
     g.add_argument("--local-size", type=int, default=None, help="local crop resolution")
     g.add_argument("--utilisation-eps", type=float, default=0.025,
@@ -289,7 +292,8 @@ PHOTO_PARAMS = 8  # jitter on, brightness, contrast, saturation, hue, grayscale,
 class MultiCropTransform:
     """image -> (2 global + L local crops as float tensors in [0, 1], their photometric parameters [n, 8])."""
 
-    def __init__(self, global_scale, local_scale, local_crops, global_size, local_size):
+    def __init__(self, global_scale, local_scale, local_crops, global_size, local_size, interpolation="bilinear"):
+        self.interpolation = T.InterpolationMode(interpolation)
         self.specs = ([(global_scale, global_size, 1.0, 0.0), (global_scale, global_size, 0.1, 0.2)]
                       + [(local_scale, local_size, 0.5, 0.0)] * local_crops)  # (scale, size, p_blur, p_solarize)
 
@@ -301,7 +305,7 @@ class MultiCropTransform:
         crops, params = [], []
         for scale, size, p_blur, p_solarize in self.specs:
             i, j, h, w = T.RandomResizedCrop.get_params(image, scale=scale, ratio=(3 / 4, 4 / 3))
-            crop = T.functional.resized_crop(image, i, j, h, w, [size, size], antialias=True)
+            crop = T.functional.resized_crop(image, i, j, h, w, [size, size], self.interpolation, antialias=True)
             if torch.rand(()) < 0.5:
                 crop = crop.flip(-1)
             u = torch.rand(8)
@@ -618,8 +622,9 @@ def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform
     if name == "seen":
         opts.classes = args.classes
     else:
-        opts.classes = f"rand{args.probe_classes}"
-    probe_classes = data.select_classes(opts.classes, opts.data_seed)
+        drawn = np.random.default_rng([args.data_seed, 7]).choice(1000, args.probe_classes, replace=False)
+        opts.classes = ",".join(str(i) for i in sorted(drawn.tolist()))
+    probe_classes = data.select_classes(opts.classes)
     opts.num_train = args.probe_train_per_class * len(probe_classes)
     world = data.load_data(opts, train_transform=eval_transform, test_transform=eval_transform)
     x_train, y_train = extract_features(backbone, world.train, dist, args.workers)
@@ -738,7 +743,7 @@ def main(argv=None):
     tasks = transfer_tasks(args)
     check_transfer_folders(tasks, args)
     multi_crop = MultiCropTransform(args.global_scale, args.local_scale, args.local_crops, args.global_size,
-                                    args.local_size)
+                                    args.local_size, args.crop_interpolation)
     eval_transform = probe_transform(args)
     longtail = data.load_data(args, train_transform=multi_crop, test_transform=eval_transform, need_test=False)
     train_set = longtail.train  # self-supervised: every image, open-world ones included; labels unused

@@ -58,6 +58,30 @@ def test_same_seed_gives_byte_identical_world_and_captions(tmp_path):
     assert torch.equal(again.train.images, a.train.images)
 
 
+def test_failed_world_cache_write_warns_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The cache is an optimisation: a write that fails (disk full, read-only folder) warns, returns the
+    rendered world all the same, and leaves neither a half-written cache file nor a temp file behind."""
+    args = ["--num-train", "300", "--num-test-per-class", "1"]
+    reference = data.load_data(opts(tmp_path / "ok", *args))
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.warns(UserWarning, match="could not cache the synthetic world.*No space left"):
+        world = data.load_data(opts(tmp_path / "full", *args))
+    assert torch.equal(world.train.images, reference.train.images)
+    assert os.listdir(tmp_path / "full" / "cache") == []
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("not a folder")  # the cache folder cannot be created
+    with pytest.warns(UserWarning, match="could not cache"):
+        world = data.load_data(data.add_data_args(argparse.ArgumentParser()).parse_args(
+            ["--cache-dir", str(tmp_path / "file" / "cache"), *args]))
+    assert torch.equal(world.test.images, reference.test.images)
+
+
 def test_items_depend_only_on_seed_epoch_index(tmp_path):
     d = small(tmp_path)
     d.train.set_epoch(2)
@@ -376,10 +400,16 @@ def test_profiles_and_class_sets():
         assert len(data.frequency_profile(p, list(range(1000)))) == 1000
     with pytest.raises(ValueError, match="unknown frequency profile"):
         data.frequency_profile("nonesuch", [1, 2])
-    assert data.select_classes("rand7", 0) == data.select_classes("rand7", 0)
-    assert len(set(data.select_classes("rand7", 0))) == 7
-    with pytest.raises(ValueError, match="class set"):
-        data.select_classes("in200")
+    # rand<K>: the authors' create_incaps_subsets.py draw, np.random.seed(42); np.random.choice(1000, K, False)
+    np.random.seed(42)
+    assert data.select_classes("rand100") == sorted(np.random.choice(1000, 100, replace=False).tolist())
+    np.random.seed(7)
+    assert data.select_classes("rand7:7") == sorted(np.random.choice(1000, 7, replace=False).tolist())
+    assert len(set(data.select_classes("rand7"))) == 7 and data.select_classes("rand7:7") != data.select_classes("rand7")
+    assert data.select_classes("7,3,999") == [7, 3, 999]
+    for bad in ["in200", "rand0", "rand1001", "rand5:", "rand5:x", "3,3", "1000", "1,,2", "1, 2"]:
+        with pytest.raises(ValueError, match="class set"):
+            data.select_classes(bad)
 
 
 # ---------------------------------------------------------------- real-data loaders and fixtures

@@ -14,6 +14,7 @@ import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from open_clip.modified_resnet import AttentionPool2d
 
 import dino_tail
@@ -287,6 +288,23 @@ def test_multicrop_transform_is_seeded_per_sample():
     assert params[0, 6] > 0 and params[1, 7] in (0, 1) and params[0, 7] == 0  # global 1 always blurred
 
 
+def test_multicrop_interpolation_follows_the_recipe():
+    """Crops are resampled bicubically under --recipe paper (DINO's RandomResizedCrop), bilinearly by default.
+    A crop scale of (1, 1) crops the whole square image, so each global crop is a plain resize (maybe flipped)."""
+    assert dino_tail.parse_args(["--recipe", "paper"]).crop_interpolation == "bicubic"
+    assert dino_tail.parse_args([]).crop_interpolation == "bilinear"
+    img = torch.rand(3, 32, 32)
+    for mode in ("bicubic", "bilinear"):
+        mc = dino_tail.MultiCropTransform((1, 1), (0.05, 0.14), 0, 24, 24, mode)
+        crops, _ = mc(img)
+        expected = T.functional.resize(img, [24, 24], T.InterpolationMode(mode), antialias=True).clamp(0, 1)
+        other = T.functional.resize(img, [24, 24], T.InterpolationMode({"bicubic": "bilinear", "bilinear": "bicubic"}[mode]),
+                                    antialias=True).clamp(0, 1)
+        for crop in crops:
+            assert torch.allclose(crop, expected) or torch.allclose(crop, expected.flip(-1))
+            assert not torch.allclose(crop, other) and not torch.allclose(crop, other.flip(-1))
+
+
 def test_sinkhorn_knopp_equipartitions():
     torch.manual_seed(0)
     logits = torch.randn(12, 5) * 3
@@ -389,7 +407,7 @@ def test_novel_task_leaves_out_open_world_concepts(tmp_path):
     task = dino_tail.synthetic_transfer_task("novel", args, pretrain, dino_tail.data.Dist(), _PixelFeatures(),
                                              dino_tail.probe_transform(args))
     names = dino_tail.data.imagenet_classnames()
-    drawn = dino_tail.data.select_classes("rand300", args.data_seed)
+    drawn = sorted(np.random.default_rng([args.data_seed, 7]).choice(1000, 300, replace=False).tolist())
     expected = [names[c] for c in drawn if c not in seen]
     assert task["classnames"] == expected and 0 < len(expected) < 300 - 20
 
