@@ -27,6 +27,7 @@ import copy
 import math
 import os
 import time
+import warnings
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning threads
 # made this run ~8x slower (measured on a 2-core machine running other jobs). Set it to override.
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet  # noqa: E402
+from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -196,6 +198,8 @@ def check_transfer_folders(tasks, args):
                 raise FileNotFoundError(f"--transfer {task}: expected ImageFolders {path}/train and {path}/test")
         elif task in TRANSFER_SETS and not os.path.isdir(os.path.join(args.transfer_root, task)):
             raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(args.transfer_root, task)}")
+        elif task in SPLIT_FILES and listed_split_files(task, os.path.join(args.transfer_root, task)):
+            real_transfer_splits(task, args.transfer_root, None)  # reads the split files, checks their images
 
 
 # ---- Model: CLIP's ModifiedResNet + DINO head -----------------------------------------------------------
@@ -706,11 +710,95 @@ def real_transfer_splits(name, root, transform):
     if name == "voc2007":
         voc = lambda s: _MultiHotVOC(D.VOCDetection(root=where, year="2007", image_set=s, transform=transform))
         return voc("train"), voc("val"), voc("test")
-    if name in ("caltech101", "sun397"):  # no official split: a seeded 80/20 split of the whole set
+    if name in ("caltech101", "sun397"):
+        listed = listed_split_files(name, where)
+        if listed:  # ssl-transfer's splits, which Table 2 used
+            image_root, train_file, test_file = listed
+            train_items, classes = read_split_file(name, train_file)
+            test_items, _ = read_split_file(name, test_file, classes)
+            return (_ListedImages(image_root, train_items, classes, transform), None,
+                    _ListedImages(image_root, test_items, classes, transform))
+        warnings.warn(f"--transfer {name}: no split files under {where} ({SPLIT_FILES[name][1][0][0]}, ...); using "
+                      "a seeded 80/20 split of the whole set, so the score is not comparable with Table 2's")
         full = D.Caltech101(target_type="category", **kw) if name == "caltech101" else D.SUN397(**kw)
         tr, te = _split_validation(len(full), 0)
         return torch.utils.data.Subset(full, tr), None, torch.utils.data.Subset(full, te)
     raise AssertionError(f"--transfer {name}: not in TRANSFER_SETS")
+
+
+# Caltech101 and SUN397 come without a train / test split in torchvision. ssl-transfer (whose protocol Table 2
+# follows) reads split files: its caltech101-splits/{train,test}.txt ('Class/image_0001.jpg LABEL', the
+# background class included) and SUN397's official partition 01 (Training_01.txt / Testing_01.txt,
+# '/a/abbey/sun_x.jpg'). Where they lie under --transfer-root/NAME: (image folder, train file, test file).
+SPLIT_FILES = {  # NAME: (image folder, [(train file, test file), ...]), all under --transfer-root/NAME
+    "caltech101": ("caltech101/101_ObjectCategories", [("caltech101-splits/train.txt", "caltech101-splits/test.txt")]),
+    "sun397": ("SUN397", [("Training_01.txt", "Testing_01.txt"), ("SUN397/Training_01.txt", "SUN397/Testing_01.txt")]),
+}
+
+
+def listed_split_files(name, where):
+    """(image folder, train file, test file) under `where` if a pair of SPLIT_FILES exists there, else None."""
+    images, pairs = SPLIT_FILES[name]
+    for train, test in pairs:
+        if os.path.isfile(os.path.join(where, train)) and os.path.isfile(os.path.join(where, test)):
+            if not os.path.isdir(os.path.join(where, images)):
+                raise FileNotFoundError(f"--transfer {name}: split files found but no image folder "
+                                        f"{os.path.join(where, images)}")
+            return os.path.join(where, images), os.path.join(where, train), os.path.join(where, test)
+    return None
+
+
+def read_split_file(name, path, classes=None):
+    """[(image path relative to the image folder, label)] of a split file, and the class list. Caltech101 lines
+    carry their label; SUN397's class is the line's folder ('/b/bakery/shop/sun_x.jpg' -> 'bakery/shop'), its
+    labels index the training file's sorted classes."""
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if name == "caltech101":
+                parts = line.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise ValueError(f"{path}, line {number}: expected 'Class/image.jpg LABEL', got {line!r}")
+                rows.append((parts[0], int(parts[1])))
+            else:
+                folder = os.path.dirname(line.lstrip("/"))
+                if "/" not in folder:
+                    raise ValueError(f"{path}, line {number}: expected '/l/class/image.jpg', got {line!r}")
+                rows.append((line.lstrip("/"), folder.split("/", 1)[1]))
+    if not rows:
+        raise ValueError(f"{path}: no images listed")
+    if name == "caltech101":
+        classes = classes or [str(c) for c in range(max(label for _, label in rows) + 1)]
+        return rows, classes
+    classes = classes or sorted({label for _, label in rows})
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = sorted({label for _, label in rows} - set(index))
+    if unknown:
+        raise ValueError(f"{path}: classes {unknown[:3]} are not in the training split")
+    return [(p, index[label]) for p, label in rows], classes
+
+
+class _ListedImages(torch.utils.data.Dataset):
+    """(image, label) of the files a split file lists, relative to `root`; a listed file that is missing is an
+    error naming it (a split from another version of the set would silently shrink it otherwise)."""
+
+    def __init__(self, root, items, classes, transform):
+        missing = [p for p, _ in items if not os.path.isfile(os.path.join(root, p))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} listed images are not under {root}, e.g. {missing[0]}")
+        self.root, self.items, self.classes, self.transform = root, items, classes, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        with Image.open(os.path.join(self.root, path)) as image:
+            image = image.convert("RGB")
+        return self.transform(image) if self.transform else image, label
 
 
 def real_transfer_task(name, args, dist, backbone, transform):

@@ -485,3 +485,72 @@ def test_two_processes_match_one(tmp_path):
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+# ---- Caltech101 / SUN397 split files (ssl-transfer's protocol, Table 2) ------------------------------------
+
+def _jpg(path, value):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("L", (8, 8), value).save(path)  # greyscale, as some Caltech101 images are
+
+
+def _tensor_of(image):
+    return T.functional.pil_to_tensor(image)
+
+
+def test_caltech101_split_files_are_followed(tmp_path):
+    where = tmp_path / "caltech101"
+    images = where / "caltech101" / "101_ObjectCategories"
+    files = {"BACKGROUND_Google/image_0001.jpg": (0, 10), "Faces/image_0001.jpg": (1, 20),
+             "Faces/image_0002.jpg": (1, 30), "ant/image_0001.jpg": (2, 40), "ant/image_0002.jpg": (2, 50)}
+    for rel, (_, value) in files.items():
+        _jpg(images / rel, value)
+    _jpg(images / "ant" / "image_0003.jpg", 60)  # in neither split: left out
+    (where / "caltech101-splits").mkdir()
+    train = ["BACKGROUND_Google/image_0001.jpg", "Faces/image_0001.jpg", "ant/image_0002.jpg"]
+    test = ["Faces/image_0002.jpg", "ant/image_0001.jpg"]
+    for split, rels in (("train", train), ("test", test)):
+        (where / "caltech101-splits" / f"{split}.txt").write_text("".join(f"{r} {files[r][0]}\n" for r in rels))
+    tr, val, te = dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+    assert val is None and len(tr) == 3 and len(te) == 2 and tr.classes == ["0", "1", "2"]
+    for dataset, rels in ((tr, train), (te, test)):
+        for (image, label), rel in zip(dataset, rels):
+            assert image.shape == (3, 8, 8) and int(image[0, 0, 0]) == files[rel][1] and label == files[rel][0]
+    (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0002.jpg\n")
+    with pytest.raises(ValueError, match=r"test.txt, line 1: expected 'Class/image.jpg LABEL'"):
+        dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+    (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0009.jpg 1\n")
+    with pytest.raises(FileNotFoundError, match="1 listed images are not under .*Faces/image_0009.jpg"):
+        dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+    # checked before pre-training starts, like the folders
+    for k, wnid in enumerate(("n01440764", "n01443537")):  # a two-class pre-training ImageFolder
+        _jpg(tmp_path / "pretrain" / "train" / wnid / "x.jpg", 100 + k)
+    run = subprocess.run([sys.executable, os.path.join(REPO, "dino_tail.py"), "--data", "imagefolder",
+                          "--data-root", str(tmp_path / "pretrain"), "--transfer", "caltech101",
+                          "--transfer-root", str(tmp_path), "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0 and "Faces/image_0009.jpg" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_sun397_official_partition_and_fallback(tmp_path):
+    root = tmp_path / "sun397" / "SUN397"
+    rels = {"a/abbey/sun_a1.jpg": 10, "a/abbey/sun_a2.jpg": 20, "b/bakery/shop/sun_b1.jpg": 30,
+            "b/bakery/shop/sun_b2.jpg": 40}
+    for rel, value in rels.items():
+        _jpg(root / rel, value)
+    (root / "ClassName.txt").write_text("/a/abbey\n/b/bakery/shop\n")
+    # without partition files: torchvision's SUN397, a seeded 80/20 split, and a warning
+    with pytest.warns(UserWarning, match="no split files .* not comparable with Table 2"):
+        tr, _, te = dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
+    assert len(tr) + len(te) == 4
+    (tmp_path / "sun397" / "Training_01.txt").write_text("/b/bakery/shop/sun_b1.jpg\n/a/abbey/sun_a1.jpg\n")
+    (tmp_path / "sun397" / "Testing_01.txt").write_text("/a/abbey/sun_a2.jpg\n/b/bakery/shop/sun_b2.jpg\n")
+    tr, _, te = dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
+    assert tr.classes == ["abbey", "bakery/shop"]
+    assert [(int(x[0, 0, 0]), y) for x, y in tr] == [(30, 1), (10, 0)]
+    assert [(int(x[0, 0, 0]), y) for x, y in te] == [(20, 0), (40, 1)]
+    (tmp_path / "sun397" / "Testing_01.txt").write_text("/c/canyon/sun_c1.jpg\n")
+    with pytest.raises(ValueError, match=r"classes \['canyon'\] are not in the training split"):
+        dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
