@@ -874,11 +874,15 @@ def write_report(runs_dir, out, note=None, machine=None):
     figure_tail_classes(runs, out)
     figure_dino_transfer(runs, out)
     claims = [c(runs) for c in CLAIMS]
-    n_runs = sum(len(g) for g in runs.values())
+    names = sum(len(g) for g in runs.values())
+    n_runs = len({os.path.realpath(r["dir"]) for g in runs.values() for r in g})  # run_all links shared runs
     header = ["# clip-beyond-tail: report", "",
               "Reproduction of Wen et al., \"Generalization Beyond Data Imbalance: A Controlled Study on CLIP for "
               "Transferable Insights\" (NeurIPS 2024, arXiv 2405.21070).", "",
-              f"Runs: `{runs_dir}` ({n_runs} finished runs of {len(runs)} experiments). Report written "
+              f"Runs: `{runs_dir}` ({n_runs} finished runs of {len(runs)} experiments"
+              + (f"; shared ones linked under {names - n_runs} more name{'s' * (names - n_runs > 1)}"
+                 if names > n_runs else "")
+              + f"). Report written "
               f"{datetime.date.today().isoformat()} on {machine or machine_description()}."
               + (f" {note}" if note else ""),
               "Numbers are as measured; 'missing' means the run is absent or unfinished (never a zero).", ""]

@@ -216,6 +216,19 @@ def test_report_cli_writes_every_figure_and_section(tmp_path):
     assert "| ImageNet, vanilla | 65536 | 27.0 |" in text  # the paper's Table 2 next to ours
     # the zero-shot-tail claims need sl_tail0; claim 12 still has its runs
     assert "**missing runs**" in text and text.count("**supported**") >= 8
+    n = len(SUPPORTED) - 2
+    assert f"({n} finished runs of {n} experiments)" in text
+
+
+def test_linked_runs_are_counted_once(tmp_path):
+    """run_all.sh links a run two sections share under the second name: one run, two experiments."""
+    runs_dir = tmp_path / "runs"
+    make_run(str(runs_dir), "sl_voc0", SUPPORTED["sl_voc0"], files=False)
+    os.symlink("sl_voc0_s0", runs_dir / "sl_tail-none_s0")
+    make_run(str(runs_dir), "clip_template", SUPPORTED["clip_template"], files=False)
+    report.write_report(str(runs_dir), str(tmp_path / "out"))
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "(2 finished runs of 3 experiments; shared ones linked under 1 more name)" in text
 
 
 def test_report_cli_on_a_missing_folder_fails_in_one_line(tmp_path):
