@@ -328,6 +328,14 @@ section_fig7() {
         --caption-fields title,description,tags
     exp sl_voc0 sl_tail.py "${D[@]}" "${SL[@]}" --voc 0
     exp "sl_voc${VOCS[1]}" sl_tail.py "${D[@]}" "${SL[@]}" --voc "${VOCS[1]}"
+    # the frozen-text-tower bar: Fig. 5's full-scale run (LAIONet)
+    if [[ $MODE == paper && -z ${LAIONET_TSV:-} ]]; then
+        note "fig7: no CLIP frozen-text run without LAIONET_TSV (the report shows it as missing)"
+        return
+    fi
+    text_tower
+    laionet
+    REQUIRES=$TEXT_NEEDS exp clip_frozen_frac1 clip_tail.py "${D[@]}" "${CLIP[@]}" --text-init "$TEXT_INIT" --lock-text
 }
 
 # Fig. 8/9: the extreme long tail (Sec. 4.1): the TRIM rarest classes cut to one shot / zero shots.

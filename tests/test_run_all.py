@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("clip_tail.py", "sl_tail.py", "dino_tail.py", "report.py")
 DATA_VARS = ("IMAGENET_VAL", "INCAPS_ROOT", "LAIONET_TSV", "YFCC_TSV", "IMAGENET_TRAIN", "TRANSFER_ROOT",
@@ -120,6 +122,8 @@ def test_only_selects_sections():
     assert planned_names("--quick", "--dry-run", "--only", "fig9") == {
         "clip_textpre_s0", "clip-frozen_tail1_s0", "sl_tail1_s0", "sl-frozen_tail1_s0", "sl-frozen-voc_tail1_s0",
         "clip-frozen_tail0_s0", "sl_tail0_s0", "sl-frozen_tail0_s0", "sl-frozen-voc_tail0_s0"}
+    fig7 = planned_names("--quick", "--dry-run", "--only", "fig7")  # every run report.py's Fig. 7 compares
+    assert {f"{exp}_s0" for _, exp in report.nc_runs({})} | {"sl_voc0_s0", "sl_voc20_s0"} <= fig7
     scripts = {s for s, _, _ in planned_commands(run_all("--quick", "--dry-run", "--only", "fig6,fig10").stdout)}
     assert scripts == {"clip_tail.py", "dino_tail.py", "report.py"}
 
