@@ -48,7 +48,8 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def _to_numpy(x):
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
     return np.asarray(x)
 
 
@@ -168,8 +169,9 @@ def correlation(freq, stat, method="spearman", log=False):
 def binned_stats(freq, stat, bins=10):
     """Mean and std of a per-class statistic in frequency bins (Fig. 15: accuracy per frequency bin).
 
-    bins: an int -> that many bins holding (nearly) equal numbers of classes, ordered by frequency
-    (equal-count bins never come out empty on a long-tailed profile); or a sequence of increasing edges
+    bins: an int -> up to that many bins holding (nearly) equal numbers of classes, ordered by frequency
+    (equal-count bins never come out empty on a long-tailed profile); classes of equal frequency always
+    share a bin, so many ties (zero-shot classes) give fewer, larger bins; or a sequence of increasing edges
     -> bins [e0, e1), [e1, e2), ..., [e_{k-1}, e_k] (last one closed). Classes whose statistic is nan are
     left out. Returns one dict per bin: lo, hi (frequency range of the classes in the bin, or the edges),
     count (classes), mean, std (population std, ddof=0).
@@ -190,7 +192,11 @@ def binned_stats(freq, stat, bins=10):
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins}")
         order = np.argsort(freq, kind="stable")
-        groups = [g for g in np.array_split(order, min(int(bins), max(freq.size, 1))) if g.size]
+        ranked = freq[order]
+        cuts = np.cumsum([g.size for g in np.array_split(order, min(int(bins), max(freq.size, 1)))])[:-1]
+        # move each cut past the classes tied with the one before it (a bin never splits a frequency)
+        cuts = np.unique(np.searchsorted(ranked, ranked[np.maximum(cuts - 1, 0)], side="right"))
+        groups = [g for g in np.split(order, cuts[cuts < freq.size]) if g.size]
         return [summary(freq[g].min(), freq[g].max(), stat[g]) for g in groups]
     edges = np.asarray(bins, dtype=np.float64).reshape(-1)
     if edges.size < 2 or np.any(np.diff(edges) <= 0):
@@ -209,8 +215,12 @@ def read_freq_table(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"frequency table not found: {path}")
     table, first_line = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8-sig", errors="strict") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for lineno, line in enumerate(lines, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -286,8 +296,14 @@ def nc_metrics(features, labels, num_classes, classifier=None, *, pinv_rtol=PINV
         nc2_m_nn[c] = |G[c, nn(c)]|, nn(c) = argmax_{c' != c} cos; nc2_m_nn = mean over classes;
       nc2_w, nc2_w_nn: the same on the classifier rows [num_classes, D'] as given (not centred);
         nan when classifier is None.
+    mu_G is the sample mean (Papyan et al.); on an imbalanced evaluation set it differs from the mean of
+    the class means, and a simplex ETF of class means then scores nc2_m > 0. The scripts evaluate on
+    balanced test sets, where the two agree.
+    nc1, nc2_m (and their per-class values) are nan when the class means coincide (Sigma_B = 0 up to
+    1e-12 of the total variance): no separation to measure, not perfect collapse.
     features may be None (only the classifier metrics are computed, over the classes in labels).
-    All metrics are nan when fewer than two classes have samples.
+    All metrics are nan when fewer than two classes have samples. Classifier rows of classes without samples
+    are not used (they may be nan).
 
     Computed in float64 with torch on the device of the inputs. Memory O(C D + D^2 + chunk D): NC1 uses
     Tr(Sigma_W^c Sigma_B^+) = (1/n_c) sum_{i in c} (h_i - mu_c)^T Sigma_B^+ (h_i - mu_c), a row-wise
@@ -307,10 +323,10 @@ def nc_metrics(features, labels, num_classes, classifier=None, *, pinv_rtol=PINV
         w = _float_matrix(classifier, "classifier")
         if w.shape[0] != num_classes:
             raise ValueError(f"classifier must have one row per class ({num_classes}), got {w.shape[0]}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("classifier contains nan or inf")
+        rows = torch.from_numpy(present_np).to(w.device)
+        if not bool(torch.isfinite(w[rows]).all()):
+            raise ValueError("classifier contains nan or inf (in a row of a class with evaluation samples)")
         if num_present >= 2:
-            rows = torch.from_numpy(present_np).to(w.device)
             per_mean, per_nn = _simplex_etf_gap(w[rows].double(), max(1, _CHUNK_ELEMENTS // num_present))
             out["per_class"]["nc2_w"][present_np] = per_mean.cpu().numpy()
             out["per_class"]["nc2_w_nn"][present_np] = per_nn.cpu().numpy()
@@ -345,10 +361,15 @@ def nc_metrics(features, labels, num_classes, classifier=None, *, pinv_rtol=PINV
 
     # sum over the samples of each class of (h_i - mu_c)^T Sigma_B^+ (h_i - mu_c)
     quad_sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    within_trace = 0.0
     for start in range(0, n, chunk):
         y_block = y[start:start + chunk]
         diff = h[start:start + chunk].double() - class_means[y_block]
         quad_sums.index_add_(0, y_block, (diff @ between_pinv).mul_(diff).sum(dim=1))
+        within_trace += diff.square().sum().item() / n
+    between_trace = between_cov.trace().item()
+    if not between_trace > 1e-12 * (between_trace + within_trace):  # the class means coincide
+        return out
     nc1_per_class = (quad_sums[present] / counts[present]).cpu().numpy()
     out["per_class"]["nc1"][present_np] = nc1_per_class
     out["nc1"] = quad_sums.sum().item() / n / num_present          # Tr(Sigma_W Sigma_B^+) / C
@@ -393,10 +414,15 @@ def summarize(preds, labels, train_counts, features=None, classifier=None, tail_
     nc2_m_nn, nc2_w, nc2_w_nn (nan without features / classifier), num_classes, num_eval, and
     top1_tail / top1_other when tail_classes is given.
     """
-    train_counts = _to_numpy(train_counts).astype(np.float64).reshape(-1)
+    train_counts = _to_numpy(train_counts)
+    if train_counts.dtype.kind not in "biuf":
+        raise ValueError(f"train_counts must be numbers, got dtype {train_counts.dtype}")
+    train_counts = train_counts.astype(np.float64).reshape(-1)
     num_classes = train_counts.size
     if num_classes < 1:
         raise ValueError("train_counts is empty")
+    if not np.all(np.isfinite(train_counts) & (train_counts >= 0)):
+        raise ValueError("train_counts must be finite and non-negative")
     preds, labels, _ = _preds_and_labels(preds, labels, num_classes)
     if labels.size == 0:
         raise ValueError("no evaluation samples")
@@ -419,6 +445,9 @@ def summarize(preds, labels, train_counts, features=None, classifier=None, tail_
     )
     if tail_classes is not None:
         tail = _to_numpy(tail_classes)
+        if tail.dtype == bool and tail.shape != (num_classes,):
+            raise ValueError(f"tail_classes as a mask must have one entry per class ({num_classes}), "
+                             f"got shape {tail.shape}")
         tail = np.flatnonzero(tail) if tail.dtype == bool else _class_ids(tail.reshape(-1), num_classes, "tail_classes")
         final.update(head_tail_accuracy(preds, labels, tail))
     final.update(num_classes=num_classes, num_eval=int(labels.size))
@@ -554,6 +583,10 @@ def load_eval(run_dir):
         raise ValueError(f"{path} lacks {', '.join(missing)}")
     for key in ("features", "classifier", "tail_classes"):
         data.setdefault(key, None)
+    names, counts = data["classnames"], data["train_counts"]
+    if names.ndim != 1 or counts.ndim != 1 or names.size != counts.size:
+        raise ValueError(f"{path}: classnames {names.shape} and train_counts {counts.shape} must be 1-D and "
+                         "of equal length (one per class)")
     return data
 
 
@@ -600,7 +633,11 @@ def _recompute_run(run_dir, write, bins):
                     old = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"cannot read {old_path}: {e}") from None
-        _write_final_json(old_path, {**old, **final})
+            if not isinstance(old, dict):
+                raise ValueError(f"{old_path} does not hold a JSON object")
+        # metrics of the run's own evaluation that this one does not produce (top1_tail without a tail)
+        stale = {"top1_tail", "top1_other"} - set(final)
+        _write_final_json(old_path, {**{k: v for k, v in old.items() if k not in stale}, **final})
         _write_per_class_csv(os.path.join(run_dir, "per_class.csv"), per_class, [str(n) for n in data["classnames"]])
         print(f"wrote {old_path} and {os.path.join(run_dir, 'per_class.csv')}")
 
@@ -643,7 +680,7 @@ def main(argv=None):
             _correlate_tables(args.freq, args.method, args.log)
         else:
             _recompute_run(args.run_dir, args.write, args.bins)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         parser.exit(2, f"metrics.py: error: {e}\n")
     return 0
 

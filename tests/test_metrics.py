@@ -474,3 +474,102 @@ def test_cli_argument_errors_in_process(tmp_path, capsys):
             metrics.main(argv)
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.startswith("metrics.py: error:")
+
+
+# ---------------------------------------------------------------- edge cases (review of 2026-11-26)
+
+def test_coinciding_class_means_give_nan_not_perfect_collapse():
+    """Sigma_B = 0: no separation to measure. NC1 must not come out 0 (= perfect collapse)."""
+    h = np.array([[1.0], [-1.0], [1.0], [-1.0]])
+    got = metrics.nc_metrics(h, np.array([0, 0, 1, 1]), 2)
+    assert math.isnan(got["nc1"]) and math.isnan(got["nc2_m"]) and np.isnan(got["per_class"]["nc1"]).all()
+    x = np.random.default_rng(3).normal(size=(20, 5))
+    same = metrics.nc_metrics(np.concatenate([x, x]), np.repeat([0, 1], 20), 2)  # the same samples twice
+    assert math.isnan(same["nc1"])
+    apart = metrics.nc_metrics(np.concatenate([x, x + 1e-3]), np.repeat([0, 1], 20), 2)  # barely apart: finite
+    ref = loop_nc(np.concatenate([x, x + 1e-3]), np.repeat([0, 1], 20), 2)
+    assert math.isfinite(apart["nc1"]) and apart["nc1"] == pytest.approx(ref["nc1"], rel=1e-6)
+
+
+def test_classifier_rows_of_classes_without_samples_may_be_nan():
+    features, labels, classifier = long_tailed_problem(seed=4)
+    keep = labels != 5
+    w = classifier.copy()
+    w[5] = np.nan
+    got = metrics.nc_metrics(features[keep], labels[keep], 6, w)
+    ref = metrics.nc_metrics(features[keep], labels[keep], 6, classifier)
+    assert got["nc2_w"] == ref["nc2_w"] and math.isfinite(got["nc2_w"])
+    w[0] = np.nan
+    with pytest.raises(ValueError, match="nan or inf"):
+        metrics.nc_metrics(features[keep], labels[keep], 6, w)
+
+
+def test_equal_count_bins_never_split_a_frequency():
+    freq = np.array([1, 1, 1, 1, 2, 5, 5, 9])
+    stat = np.arange(8) / 10
+    bins = metrics.binned_stats(freq, stat, bins=3)
+    assert [(b["lo"], b["hi"], b["count"]) for b in bins] == [(1, 1, 4), (2, 5, 3), (9, 9, 1)]
+    zeros = metrics.binned_stats(np.r_[np.zeros(50), np.arange(1, 51)], np.ones(100), bins=4)  # 50 zero-shot
+    assert zeros[0]["hi"] == 0 and zeros[0]["count"] == 50 and sum(b["count"] for b in zeros) == 100
+    assert all(a["hi"] < b["lo"] for a, b in zip(zeros, zeros[1:]))
+
+
+def test_summarize_checks_train_counts_and_tail_mask():
+    preds = labels = np.array([0, 1, 2, 1])
+    with pytest.raises(ValueError, match="train_counts must be numbers"):
+        metrics.summarize(preds, labels, np.array(["a", "b", "c"]))
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.summarize(preds, labels, np.array([3, -1, 2]))
+    for mask in (np.array([False, True]), np.array([False, True, False, True])):
+        with pytest.raises(ValueError, match="one entry per class"):
+            metrics.summarize(preds, labels, np.array([3, 1, 2]), tail_classes=mask)
+    final, _ = metrics.summarize(preds, labels, np.array([3, 1, 2]), tail_classes=np.array([False, True, False]))
+    assert final["top1_tail"] == 1.0
+
+
+def test_bfloat16_features_are_accepted(tmp_path):
+    features, labels, classifier = long_tailed_problem(seed=9)
+    final = metrics.write_eval_outputs(str(tmp_path / "run"), labels, labels, np.arange(6, 0, -1),
+                                       [f"c{c}" for c in range(6)], features=torch.from_numpy(features).bfloat16(),
+                                       classifier=torch.from_numpy(classifier).bfloat16())
+    rounded = torch.from_numpy(features).bfloat16().double().numpy()
+    assert final["nc1"] == pytest.approx(loop_nc(rounded, labels, 6)["nc1"], rel=1e-6)
+    assert metrics.correlation(torch.arange(6.0).bfloat16(), torch.arange(6.0)) == 1.0
+
+
+def test_freq_table_with_byte_order_mark_and_non_utf8(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("tench\t3\ngoldfish\t1\n".encode("utf-8-sig"))
+    assert metrics.read_freq_table(str(bom)) == {"tench": 3, "goldfish": 1}
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\t3\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt: not UTF-8"):
+        metrics.read_freq_table(str(latin))
+
+
+def test_cli_bad_run_files_are_one_line_errors(tmp_path):
+    _write_example_run(tmp_path / "run")
+    with np.load(tmp_path / "run" / "eval.npz") as npz:
+        arrays = dict(npz)
+    np.savez(tmp_path / "run" / "eval.npz", **{**arrays, "classnames": arrays["classnames"][:4]})
+    result = run_cli(str(tmp_path / "run"), "--write")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "classnames" in result.stderr
+    np.savez(tmp_path / "run" / "eval.npz", **arrays)
+    (tmp_path / "run" / "final.json").write_text("[1, 2]")
+    result = run_cli(str(tmp_path / "run"), "--write")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "JSON object" in result.stderr
+    (tmp_path / "run" / "final.json").unlink()
+    (tmp_path / "run" / "final.json").mkdir()
+    result = run_cli(str(tmp_path / "run"), "--write")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "final.json" in result.stderr
+
+
+def test_cli_write_drops_tail_metrics_the_recomputation_lacks(tmp_path):
+    _write_example_run(tmp_path / "run")
+    with np.load(tmp_path / "run" / "eval.npz") as npz:
+        arrays = {k: v for k, v in npz.items() if k != "tail_classes"}
+    np.savez(tmp_path / "run" / "eval.npz", **arrays)
+    assert "top1_tail" in json.loads((tmp_path / "run" / "final.json").read_text())
+    assert run_cli(str(tmp_path / "run"), "--write").returncode == 0
+    saved = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert "top1_tail" not in saved and saved["method"] == "test"
