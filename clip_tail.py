@@ -44,11 +44,11 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 import metrics
-from data import (LongTailData, RunDir, add_data_args, all_gather_cat, check_finite, data_flag_names,
-                  eval_image_folder, eval_loader, frequency_profile, gather_eval, imagenet_classnames,
-                  imagenet_synonyms, init_distributed, load_checkpoint, load_data, rng_state, run_cli, save_checkpoint,
-                  seed_everything, select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags,
-                  write_json)
+from data import (ArgumentParser, LongTailData, RunDir, add_data_args, all_gather_cat, check_finite,
+                  data_flag_names, eval_image_folder, eval_loader, frequency_profile, gather_eval,
+                  imagenet_classnames, imagenet_synonyms, init_distributed, load_checkpoint, load_data, rng_state,
+                  run_cli, save_checkpoint, seed_everything, select_classes, set_rng_state, sync_batchnorm,
+                  train_loader, warn_changed_flags, write_json)
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
 # 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -75,13 +75,8 @@ TEMPLATES = {
 RESULT_COLUMNS = ["model", "pretrained", "freq_table", "top1", "corr_acc", "corr_pred", "nc1", "nc2_m", "nc2_w"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
-    p = _Parser(prog="clip_tail.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="clip_tail.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/clip", help="run folder (default runs/clip)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
@@ -131,6 +126,12 @@ def parse_args(argv=None):
     if args.eval_only and not (args.pretrained or args.checkpoint or args.resume):
         raise ValueError("--eval-only needs --pretrained MODEL:TAG, --checkpoint FILE or --resume (the run in --out)")
     check_model_name(args.model, "--model")
+    text_init = args.text_init or ""
+    if (os.sep in text_init or text_init.endswith((".pt", ".bin", ".safetensors"))) and not os.path.isfile(text_init):
+        raise FileNotFoundError(f"--text-init {text_init}: no such file")
+    for freq in [args.freq_table] + [e.split(":")[2] for e in args.pretrained if e.count(":") == 2]:
+        if freq:
+            frequency_profile(freq, [0])  # an unknown name fails now, not after training
     return args
 
 
@@ -431,6 +432,7 @@ def evaluate_pretrained(args, dist):
                                    dist, args, extra=dict(model=name, pretrained=tag, freq_table=freq))
         rows.append({key: final[key] for key in RESULT_COLUMNS} if dist.is_main else None)
     if dist.is_main:
+        os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "results.json"), rows)
         with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, RESULT_COLUMNS)
@@ -462,15 +464,14 @@ def evaluate_checkpoint(args, dist):
 def main(argv=None):
     args = parse_args(argv)
     dist = init_distributed(args.device)
-    if args.eval_only:
-        os.makedirs(args.out, exist_ok=True)
+    if args.eval_only:  # (evaluate_and_write creates --out once there is something to write)
         return evaluate_pretrained(args, dist) if args.pretrained else evaluate_checkpoint(args, dist)
     if args.image_size is None:
         args.image_size = default_image_size(args)
-    run = RunDir(args.out, args, dist, resume=args.resume)
     seed_everything(args.seed)  # same initial weights on every rank
     model, quick_gelu = build_model(args, dist.device)
     data = load_data(args)
+    run = RunDir(args.out, args, dist, resume=args.resume)  # after the inputs are known to be good
     tokenizer = open_clip.get_tokenizer(args.model)
     optimizer = adamw(model, args)
     steps_per_epoch = len(data.train) // args.batch_size
@@ -499,12 +500,12 @@ def main(argv=None):
         loss, classes = train_one_epoch(model, loss_fn, tokenizer, optimizer, scheduler, data, epoch, dist, args)
         batch_classes.append(classes)
         record = dict(epoch=epoch, loss=loss, batch_classes=classes, lr=scheduler.get_last_lr()[-1],
-                      logit_scale=unwrap(model).logit_scale.exp().item(), seconds=time.time() - epoch_start)
+                      logit_scale=unwrap(model).logit_scale.exp().item(), time=time.time() - epoch_start)
         run.log_epoch(record)
         run.save(checkpoint_state(model, optimizer, scheduler, epoch + 1, batch_classes, quick_gelu, args))
         if dist.is_main:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  classes/batch {classes:.1f}  "
-                  f"logit scale {record['logit_scale']:.1f}  {record['seconds']:.0f}s")
+                  f"logit scale {record['logit_scale']:.1f}  {record['time']:.0f}s")
 
     evaluate_and_write(unwrap(model), tokenizer, data, class_frequencies(data, args.freq_table), args.out, dist, args,
                        extra=dict(batch_classes_mean=float(np.mean(batch_classes)),

@@ -1630,7 +1630,7 @@ def _read_caption_file(path):
 
 def count_freq_main(argv):
     """python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]"""
-    p = argparse.ArgumentParser(prog="data.py count-freq", description="Class frequencies of captions (Appx. B.2)")
+    p = ArgumentParser(prog="data.py count-freq", description="Class frequencies of captions (Appx. B.2)")
     p.add_argument("file", help="captions: a text file (one a line) or a .tsv/.csv with a 'caption' column")
     p.add_argument("--classes", default="in1k", help="in100, in1k, rand<K>[:SEED] or ImageNet indices a,b,...")
     p.add_argument("--negatives", default="paper", help="'paper': the paper's negative words for nine ambiguous "
@@ -1958,6 +1958,14 @@ def check_finite(loss, epoch, step):
                                  "checkpoint is kept, lower --lr or check the data")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' error style: one line naming the problem, exit status 2 (argparse's own
+    adds the whole usage text, which buries the message)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def run_cli(main):
     """Run a script's main(); bad input (ValueError, FileNotFoundError, NaN loss) ends in one line, exit 2.
 
@@ -1983,4 +1991,5 @@ if __name__ == "__main__":
         else:
             sys.exit("usage: python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]")
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"data.py: error: {e}")
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

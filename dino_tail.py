@@ -78,7 +78,7 @@ def _pair(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DINO with prototype subsampling and linear-probe transfer (Sec. 4.2)")
+    p = data.ArgumentParser(description="DINO with prototype subsampling and linear-probe transfer (Sec. 4.2)")
     p.add_argument("--out", default="runs/dino_tail", help="run directory (args.json, log.jsonl, final.json, ...)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and prototype draws")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="paper = Appx. D.2")
@@ -165,6 +165,8 @@ def parse_args(argv=None):
     if args.global_size % 32 or args.local_size % 32:
         raise ValueError(f"crop sizes must be multiples of 32 (the ResNet's stride), got {args.global_size} "
                          f"and {args.local_size}")
+    if args.probe_image_size is not None and args.probe_image_size < 32:
+        raise ValueError(f"--probe-image-size must be >= 32 (the ResNet's stride), got {args.probe_image_size}")
     return args
 
 

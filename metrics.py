@@ -517,14 +517,14 @@ def _write_final_json(path, final):
 def write_eval_outputs(out_dir, preds, labels, train_counts, classnames, features=None, classifier=None,
                        tail_classes=None, extra=None):
     """Write a run's evaluation outputs into out_dir and return summarize()'s final dict (+ extra):
-      eval.npz      preds, labels, train_counts, classnames, and when given features (float16; float32
-                    if float16 would overflow), classifier (float32), tail_classes;
+      eval.npz      preds, labels, train_counts, classnames, and when given features and classifier
+                    (float32), tail_classes;
       final.json    final + extra (nan -> null), written atomically;
       per_class.csv class_index, class, frequency, accuracy, pred_count, nc1, nc2_m, nc2_m_nn, nc2_w,
                     nc2_w_nn.
-    `python metrics.py out_dir` recomputes the summary from eval.npz. The features are stored as float16,
-    so recomputed NC values differ slightly: NC1 by up to about 1 % (the pseudo-inverse of S_B amplifies
-    the rounding; 45.87 vs 45.63 in one run), the others in the last digits.
+    `python metrics.py out_dir` recomputes the summary from eval.npz. The features are kept in float32
+    (not float16, which would halve the file): NC1 goes through the pseudo-inverse of Sigma_B, whose small
+    eigenvalues float16 rounding moves enough to change NC1 two-fold on small synthetic-world runs.
     """
     classnames = [str(name) for name in classnames]
     num_classes = _to_numpy(train_counts).reshape(-1).size
@@ -541,9 +541,7 @@ def write_eval_outputs(out_dir, preds, labels, train_counts, classnames, feature
     arrays = dict(preds=_to_numpy(preds).astype(np.int64), labels=_to_numpy(labels).astype(np.int64),
                   train_counts=_to_numpy(train_counts).reshape(-1), classnames=np.array(classnames, dtype=str))
     if features is not None:
-        feats = _to_numpy(features)
-        half = feats.astype(np.float16)
-        arrays["features"] = half if np.isfinite(half).all() else feats.astype(np.float32)
+        arrays["features"] = _to_numpy(features).astype(np.float32)
     if classifier is not None:
         arrays["classifier"] = _to_numpy(classifier).astype(np.float32)
     if tail_classes is not None:
@@ -662,7 +660,7 @@ def main(argv=None):
     parser = _ArgumentParser(prog="metrics.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", help="a run folder holding eval.npz")
     parser.add_argument("--write", action="store_true", help="rewrite final.json and per_class.csv of run_dir "
-                        "(NC values then come from the float16 features eval.npz keeps)")
+                        "(runs written before 2026-11-26 kept float16 features: their NC1 may then differ)")
     parser.add_argument("--bins", type=int, default=5, help="frequency bins in the run summary (default 5)")
     parser.add_argument("--freq", action="append", metavar="TABLE",
                         help="a 'classname<TAB>count' table; give two or more to correlate them")

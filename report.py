@@ -911,7 +911,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.runs):
-        sys.exit(f"report.py: error: runs folder not found: {args.runs}")
+        print(f"report.py: error: runs folder not found: {args.runs}", file=sys.stderr)
+        sys.exit(2)
     claims = write_report(args.runs, args.out, args.note, args.machine)
     counts = {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
     print(f"wrote {os.path.join(args.out, 'REPORT.md')} and {len(FIGURES)} figures: "

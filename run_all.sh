@@ -445,10 +445,12 @@ finish_one() {
     done
 }
 
+earlier=0
 for i in "${!CMDS[@]}"; do
     name=${NAMES[i]} dir=$OUT/${NAMES[i]} log=$OUT/logs/${NAMES[i]}.log
     if [[ -f $dir/final.json || -f $dir/results.json ]]; then
         progress "$i" "done earlier"
+        earlier=$((earlier + 1))
         continue
     fi
     # a run that needs another's output waits for the running ones (the producer is among them or done)
@@ -485,10 +487,12 @@ for a in "${ALIASES[@]+"${ALIASES[@]}"}"; do  # shared runs: DIR/<name> -> <firs
 done
 elapsed=$((SECONDS - started))
 wall="$((elapsed / 60))m$((elapsed % 60))s"
-REPORT_CMD+=" $(quote --note "run_all.sh --$MODE: $total runs ($JOBS at a time) in $wall wall time.")"
+counted="$total runs"
+((earlier)) && counted="$((total - earlier)) runs (and $earlier finished earlier)"
+REPORT_CMD+=" $(quote --note "run_all.sh --$MODE: $counted ($JOBS at a time) in $wall wall time.")"
 echo "+ $REPORT_CMD"
 if ! eval "$REPORT_CMD"; then FAILED+=("report.py"); fi
-echo "run_all.sh: $total runs in $wall; report in $REPORT_DIR/REPORT.md"
+echo "run_all.sh: $counted in $wall; report in $REPORT_DIR/REPORT.md"
 if ((${#FAILED[@]})); then
     echo "run_all.sh: ${#FAILED[@]} failed:"
     printf '  %s\n' "${FAILED[@]}"

@@ -12,7 +12,6 @@ the head it also generalises to classes seen once or never (the extreme long tai
     python sl_tail.py --head frozen --head-file clip-rn50 --voc 20 --trim-tail 20 --tail-shots 0
     python sl_tail.py --recipe paper --data incaps --data-root DIR --val-root DIR/val
 """
-import argparse
 import math
 import os
 import sys
@@ -52,7 +51,7 @@ MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64), "rn-small": dict(layers=[
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Supervised learning with vocabulary subsampling (Sec. 3.3, 4.1)")
+    p = data.ArgumentParser(description="Supervised learning with vocabulary subsampling (Sec. 3.3, 4.1)")
     p.add_argument("--out", default="runs/sl_tail", help="run directory (args.json, log.jsonl, final.json, ...)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and vocabulary draws")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="paper = Appx. C.1")

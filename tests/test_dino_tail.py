@@ -333,6 +333,7 @@ def _run(args, env_extra=None, **kw):
 @pytest.mark.parametrize("flags,message", [
     (["--voc", "100", "--prototypes", "64"], "--voc 100 is larger than the 64 prototypes"),
     (["--global-size", "40"], "multiples of 32"),
+    (["--probe-image-size", "16"], "--probe-image-size must be >= 32"),
     (["--transfer", "cifar10"], "needs --data other than synthetic"),
     (["--data", "imagefolder", "--transfer", "novel"], "needs --data synthetic"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -423,6 +424,9 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("dino_tail.py: error: ")]
     assert errors == ["dino_tail.py: error: --voc 100 is larger than the 64 prototypes"], result.stderr
     assert "Traceback" not in result.stderr  # (torch may log an unrelated warning line too)
+    unknown = _run(["--bogus", "--out", str(tmp_path / "run")])  # argparse's own errors: one line too
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines()[-1] == \
+        "dino_tail.py: error: unrecognized arguments: --bogus" and "usage:" not in unknown.stderr
 
 
 def _tensors(state):

@@ -252,6 +252,8 @@ def test_executor_runs_skips_and_resumes(tmp_path, fake_python):
     assert [c[0] for c in new] == ["sl_tail.py", "report.py"]
     assert new[0][-1] == "--resume" and "sl_tail1_s0" in new[0][new[0].index("--out") + 1]
     assert proc.stdout.count("done earlier") == 8
+    assert "run_all.sh: 1 runs (and 8 finished earlier) in " in proc.stdout
+    assert "run_all.sh --smoke: 1 runs (and 8 finished earlier) (2 at a time) in " in " ".join(new[-1])  # report note
 
 
 def test_an_unfinished_folder_under_a_shared_name_gives_way_to_the_link(tmp_path, fake_python):

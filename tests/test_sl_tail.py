@@ -509,3 +509,6 @@ def test_bad_flag_is_one_line_exit_2(tmp_path, cache_dir):
     assert "Traceback" not in proc.stderr
     # the last line (torch may log warnings of its own above it, e.g. about CUDA_HOME without a GPU)
     assert proc.stderr.strip().splitlines()[-1] == "sl_tail.py: error: --voc 500 is larger than the 100 classes"
+    proc = _run([*TINY, "--bogus", "--out", str(tmp_path / "bad")], cache_dir, check=False, debug=False)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "sl_tail.py: error: unrecognized arguments: --bogus"
