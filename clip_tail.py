@@ -126,9 +126,6 @@ def parse_args(argv=None):
     if args.eval_only and not (args.pretrained or args.checkpoint or args.resume):
         raise ValueError("--eval-only needs --pretrained MODEL:TAG, --checkpoint FILE or --resume (the run in --out)")
     check_model_name(args.model, "--model")
-    text_init = args.text_init or ""
-    if (os.sep in text_init or text_init.endswith((".pt", ".bin", ".safetensors"))) and not os.path.isfile(text_init):
-        raise FileNotFoundError(f"--text-init {text_init}: no such file")
     for freq in [args.freq_table] + [e.split(":")[2] for e in args.pretrained if e.count(":") == 2]:
         if freq:
             frequency_profile(freq, [0])  # an unknown name fails now, not after training
@@ -185,6 +182,9 @@ def build_model(args, device):
     pre-trained weights and frozen or fine-tuned (Sec. 3.5, Appx. C.4). Returns (model, quick_gelu)."""
     text_state, quick_gelu = None, False
     if args.text_init:
+        looks_like_file = os.sep in args.text_init or args.text_init.endswith((".pt", ".bin", ".safetensors"))
+        if looks_like_file and not os.path.isfile(args.text_init):  # (not an open_clip tag: say so)
+            raise FileNotFoundError(f"--text-init {args.text_init}: no such file")
         if os.path.isfile(args.text_init):
             path = args.text_init
             saved = {} if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)

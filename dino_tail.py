@@ -772,8 +772,9 @@ def read_split_file(name, path, classes=None):
                 rows.append((line.lstrip("/"), folder.split("/", 1)[1]))
     if not rows:
         raise ValueError(f"{path}: no images listed")
-    if name == "caltech101":
-        classes = classes or [str(c) for c in range(max(label for _, label in rows) + 1)]
+    if name == "caltech101":  # a label's name: the folder of its images
+        folder = {label: p.split("/")[0] for p, label in reversed(rows)}
+        classes = classes or [folder.get(c, str(c)) for c in range(max(folder) + 1)]
         return rows, classes
     classes = classes or sorted({label for _, label in rows})
     index = {c: k for k, c in enumerate(classes)}

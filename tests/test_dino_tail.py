@@ -517,7 +517,7 @@ def test_caltech101_split_files_are_followed(tmp_path):
     for split, rels in (("train", train), ("test", test)):
         (where / "caltech101-splits" / f"{split}.txt").write_text("".join(f"{r} {files[r][0]}\n" for r in rels))
     tr, val, te = dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
-    assert val is None and len(tr) == 3 and len(te) == 2 and tr.classes == ["0", "1", "2"]
+    assert val is None and len(tr) == 3 and len(te) == 2 and tr.classes == ["BACKGROUND_Google", "Faces", "ant"]
     for dataset, rels in ((tr, train), (te, test)):
         for (image, label), rel in zip(dataset, rels):
             assert image.shape == (3, 8, 8) and int(image[0, 0, 0]) == files[rel][1] and label == files[rel][0]
