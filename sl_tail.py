@@ -314,8 +314,10 @@ def main(argv=None):
     model = data.sync_batchnorm(model, dist).to(dist.device)
     raw_model = model
     if dist.world_size > 1:
+        # the buffers (BatchNorm statistics, a frozen head) stay identical on every rank (synchronised
+        # BatchNorm updates them alike), so DDP need not re-send them, the [C, D] head included, every step
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
     # SGD with Nesterov momentum, step decay x0.1 (Appx. C.1) or cosine; no weight decay on the temperature
     scale_params = [raw_model.log_logit_scale]
     other_params = [p for p in raw_model.parameters() if p.requires_grad and p is not raw_model.log_logit_scale]

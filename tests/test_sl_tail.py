@@ -154,6 +154,46 @@ def _vocabulary_worker(rank, world_size, port, out_dir):
         json.dump(result, f)
 
 
+def _buffers_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist = data.Dist(rank=rank, world_size=world_size)
+    args = type("Args", (), dict(embed_dim=64, model="rn-small", head="learned"))()
+    torch.manual_seed(0)  # same initial weights on both ranks, as seed_everything gives the script
+    raw = data.sync_batchnorm(sl_tail.build_model(args, 10, 32, None), dist)
+    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # different images on each rank
+    for _ in range(3):
+        features, prototypes, scale = model(torch.randn(6, 3, 32, 32, generator=g))
+        loss = (scale * features @ prototypes.T).logsumexp(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({name: b for name, b in raw.named_buffers()}, os.path.join(out_dir, f"buffers{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_buffers_stay_identical_across_ranks_without_broadcast(tmp_path):
+    """sl_tail's DDP skips broadcast_buffers: synchronised BatchNorm must leave every rank's running
+    statistics (and a frozen head) bit-identical after steps on different data."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_buffers_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    b0, b1 = (torch.load(tmp_path / f"buffers{r}.pt") for r in range(2))
+    assert b0.keys() == b1.keys() and any("running_mean" in k for k in b0)
+    initial = data.sync_batchnorm(sl_tail.build_model(type("Args", (), dict(embed_dim=64, model="rn-small",
+                                                                               head="learned"))(), 10, 32, None),
+                                  data.Dist())
+    moved = [k for k in b0 if "running_mean" in k and not torch.equal(b0[k], dict(initial.named_buffers())[k])]
+    assert moved  # the statistics were updated ...
+    for k in b0:
+        assert torch.equal(b0[k], b1[k]), k  # ... identically on both ranks
+
+
 def test_every_rank_gets_the_same_vocabulary_under_global(tmp_path):
     """Two gloo processes with different local labels: under global both hold the vocabulary one process
     would draw from the whole batch; under local each draws from its own labels with its own generator."""
