@@ -45,10 +45,10 @@ from tqdm import tqdm
 
 import metrics
 from data import (ArgumentParser, LongTailData, RunDir, add_data_args, all_gather_cat, check_finite,
-                  data_flag_names, eval_image_folder, eval_loader, frequency_profile, gather_eval,
-                  imagenet_classnames, imagenet_synonyms, init_distributed, load_checkpoint, load_data, rng_state,
-                  run_cli, save_checkpoint, seed_everything, select_classes, set_rng_state, sync_batchnorm,
-                  train_loader, warn_changed_flags, write_json)
+                  check_run_folder, data_flag_names, eval_image_folder, eval_loader, frequency_profile,
+                  gather_eval, imagenet_classnames, imagenet_synonyms, init_distributed, load_checkpoint,
+                  load_data, profile_table_path, rng_state, run_cli, save_checkpoint, seed_everything,
+                  select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags, write_json)
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
 # 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -77,7 +77,7 @@ RESULT_COLUMNS = ["model", "pretrained", "freq_table", "top1", "corr_acc", "corr
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="clip_tail.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/clip", help="run folder (default runs/clip)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="hyper-parameter set; explicit flags override it (paper = Appx. C.1)")
@@ -126,10 +126,24 @@ def parse_args(argv=None):
     if args.eval_only and not (args.pretrained or args.checkpoint or args.resume):
         raise ValueError("--eval-only needs --pretrained MODEL:TAG, --checkpoint FILE or --resume (the run in --out)")
     check_model_name(args.model, "--model")
-    for freq in [args.freq_table] + [e.split(":")[2] for e in args.pretrained if e.count(":") == 2]:
+    for freq in [args.freq_table] + [freq for _, _, freq in pretrained_entries(args)]:
         if freq:
-            frequency_profile(freq, [0])  # an unknown name fails now, not after training
+            profile_table_path(freq)  # an unknown name or missing table fails now, not after training
     return args
+
+
+def pretrained_entries(args):
+    """--pretrained [MODEL:]TAG[:FREQ] -> [(model, tag, frequency profile or --freq-table)]."""
+    entries = []
+    for spec in args.pretrained:
+        parts = spec.split(":")
+        if len(parts) == 1 and args.model:
+            parts = [args.model] + parts
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"--pretrained {spec!r}: expected MODEL:TAG[:FREQ] (or TAG with --model)")
+        check_model_name(parts[0], f"--pretrained {spec}")
+        entries.append((parts[0], parts[1], parts[2] if len(parts) == 3 else args.freq_table))
+    return entries
 
 
 def check_model_name(name, flag):
@@ -182,9 +196,10 @@ def build_model(args, device):
     pre-trained weights and frozen or fine-tuned (Sec. 3.5, Appx. C.4). Returns (model, quick_gelu)."""
     text_state, quick_gelu = None, False
     if args.text_init:
-        looks_like_file = os.sep in args.text_init or args.text_init.endswith((".pt", ".bin", ".safetensors"))
-        if looks_like_file and not os.path.isfile(args.text_init):  # (not an open_clip tag: say so)
-            raise FileNotFoundError(f"--text-init {args.text_init}: no such file")
+        tag = args.text_init.rpartition(":")[2]  # (TAG, MODEL:TAG, a file, or MODEL:file)
+        looks_like_file = os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors"))
+        if looks_like_file and not os.path.isfile(tag) and not os.path.isfile(args.text_init):
+            raise FileNotFoundError(f"--text-init {args.text_init}: no such file")  # (not an open_clip tag)
         if os.path.isfile(args.text_init):
             path = args.text_init
             saved = {} if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
@@ -404,15 +419,7 @@ def validation_only_data(args, transform):
 
 
 def evaluate_pretrained(args, dist):
-    entries = []
-    for spec in args.pretrained:
-        parts = spec.split(":")
-        if len(parts) == 1 and args.model:
-            parts = [args.model] + parts
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"--pretrained {spec!r}: expected MODEL:TAG[:FREQ] (or TAG with --model)")
-        check_model_name(parts[0], f"--pretrained {spec}")
-        entries.append((parts[0], parts[1], parts[2] if len(parts) == 3 else args.freq_table))
+    entries = pretrained_entries(args)
     validation_only = args.data == "synthetic" and args.val_root
     for name, tag, freq in entries:  # all weights (and frequency tables) present before any work starts
         cached_pretrained_file(name, tag)
@@ -468,10 +475,11 @@ def main(argv=None):
         return evaluate_pretrained(args, dist) if args.pretrained else evaluate_checkpoint(args, dist)
     if args.image_size is None:
         args.image_size = default_image_size(args)
+    check_run_folder(args.out, args.resume)
     seed_everything(args.seed)  # same initial weights on every rank
     model, quick_gelu = build_model(args, dist.device)
     data = load_data(args)
-    run = RunDir(args.out, args, dist, resume=args.resume)  # after the inputs are known to be good
+    run = RunDir(args.out, args, dist, resume=args.resume)  # its folder once the inputs are known to be good
     tokenizer = open_clip.get_tokenizer(args.model)
     optimizer = adamw(model, args)
     steps_per_epoch = len(data.train) // args.batch_size

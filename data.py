@@ -167,11 +167,26 @@ def read_frequency_table(path):
 
 
 def write_frequency_table(path, classnames, counts):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for name, c in zip(classnames, counts):
-            f.write(f"{name}\t{int(c)}\n")
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(f"{name}\t{int(c)}\n" for name, c in zip(classnames, counts))
+    atomic_write(path, write)
+
+
+def profile_table_path(name):
+    """The table file behind a frequency profile: a profile_names() entry or a table file (None for
+    'uniform'). An unknown name is a ValueError, a missing file a FileNotFoundError: checkable up front."""
+    if name == "uniform":
+        return None
+    files = _profile_files()
+    if files.get(name):
+        return os.path.join(FREQ_DIR, files[name])
+    if os.path.sep in name or name.endswith(".txt"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"frequency table not found: {name}")
+        return name
+    raise ValueError(f"unknown frequency profile {name!r}; choose one of: {', '.join(profile_names())} "
+                     f"or give a table file")
 
 
 def frequency_profile(name, imagenet_ids):
@@ -179,20 +194,13 @@ def frequency_profile(name, imagenet_ids):
     'uniform', or a table file (1,000 lines in ImageNet order, or one line per given class).
     For 'incaps' on a subset of ImageNet-100 the dedicated IN-Caps-100 table is used."""
     ids = list(imagenet_ids)
-    if name == "uniform":
+    path = profile_table_path(name)
+    if path is None:
         return np.ones(len(ids))
-    files = _profile_files()
     if name == "incaps" and ids and set(ids) <= set(imagenet100_ids()):
         pos = {c: i for i, c in enumerate(imagenet100_ids())}
-        _, counts = read_frequency_table(os.path.join(FREQ_DIR, files["incaps-imagenet100"]))
+        _, counts = read_frequency_table(os.path.join(FREQ_DIR, _profile_files()["incaps-imagenet100"]))
         return counts[[pos[c] for c in ids]]
-    if name in files and files[name]:
-        path = os.path.join(FREQ_DIR, files[name])
-    elif os.path.sep in name or name.endswith(".txt"):
-        path = name
-    else:
-        raise ValueError(f"unknown frequency profile {name!r}; choose one of: {', '.join(profile_names())} "
-                         f"or give a table file")
     _, counts = read_frequency_table(path)
     if len(counts) == len(ids):
         return counts
@@ -516,19 +524,12 @@ def build_world(spec, cache_dir=None):
 
 
 def _cache_world(world, path):
-    """Write the rendered world to `path` atomically (concurrent ranks, also on other hosts sharing the
-    folder, never see a half-written file). The cache is an optimisation: a failed write is a warning."""
-    tmp = None
+    """The cache is an optimisation: a write that fails (disk full, read-only folder) is a warning."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(world, f)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(world, tmp))
     except OSError as e:
         warnings.warn(f"could not cache the synthetic world at {path} (it will be rendered again next time): {e}")
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def scale_counts(profile, total):
@@ -1859,8 +1860,15 @@ def set_rng_state(state):
 
 
 def atomic_write(path, write):
-    """Write through a temporary file and rename, so a kill mid-write never leaves a torn file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """write(tmp) into a fresh temporary file beside `path`, then rename it to `path`: a kill mid-write never
+    leaves a torn file, and concurrent writers (other ranks, other hosts sharing the folder) never share a
+    temporary name. The file gets the permissions a plain open() would give (mkstemp's are owner-only)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -1905,6 +1913,12 @@ def warn_changed_flags(saved, args, source, keys=None):
               file=sys.stderr)
 
 
+def check_run_folder(out, resume):
+    """A folder that already holds a run (a checkpoint) is only reused with --resume."""
+    if os.path.exists(os.path.join(out, "checkpoint.pt")) and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
 class RunDir:
     """runs/<name>/: args.json, log.jsonl (one line per epoch), checkpoint.pt; rank 0 writes.
 
@@ -1916,8 +1930,7 @@ class RunDir:
         self.out, self.dist = out, dist
         self.checkpoint = os.path.join(out, "checkpoint.pt")
         self.log_path = os.path.join(out, "log.jsonl")
-        if os.path.exists(self.checkpoint) and not resume:
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        check_run_folder(out, resume)
         if dist.is_main:
             os.makedirs(out, exist_ok=True)
             args_path = os.path.join(out, "args.json")

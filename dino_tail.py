@@ -191,8 +191,8 @@ def transfer_tasks(args):
     return tasks
 
 
-def check_transfer_folders(tasks, args):
-    """Every real transfer set's folder exists: checked before pre-training, not after it."""
+def check_transfer_folders(tasks, args, dist):
+    """Every real transfer set's folder exists and its split files read: checked before pre-training."""
     for task in tasks:
         if task.startswith("folder:"):
             path = task[len("folder:"):]
@@ -202,6 +202,10 @@ def check_transfer_folders(tasks, args):
             raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(args.transfer_root, task)}")
         elif task in SPLIT_FILES and listed_split_files(task, os.path.join(args.transfer_root, task)):
             real_transfer_splits(task, args.transfer_root, None)  # reads the split files, checks their images
+        elif task in SPLIT_FILES and dist.is_main:
+            warnings.warn(f"--transfer {task}: no split files under {os.path.join(args.transfer_root, task)} "
+                          f"({' or '.join(train for train, _ in SPLIT_FILES[task][1])}, ...): a seeded 80/20 split "
+                          "of the whole set is used, so the score is not comparable with Table 2's")
 
 
 # ---- Model: CLIP's ModifiedResNet + DINO head -----------------------------------------------------------
@@ -617,6 +621,11 @@ def _split_validation(n, seed, fraction=0.2):
     return np.sort(perm[cut:]), np.sort(perm[:cut])
 
 
+def novel_probe_classes(data_seed, count):
+    """The ImageNet classes 'novel' draws (sorted) before it drops those pre-training used."""
+    return sorted(np.random.default_rng([data_seed, 7]).choice(1000, count, replace=False).tolist())
+
+
 def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform):
     """Tasks from the synthetic world: 'seen' = the pre-training classes on a balanced, freshly rendered set;
     'novel' = ImageNet classes the pre-training never saw, drawn by the data seed (same rendering rules)."""
@@ -628,8 +637,7 @@ def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform
     if name == "seen":
         opts.classes = args.classes
     else:
-        drawn = np.random.default_rng([args.data_seed, 7]).choice(1000, args.probe_classes, replace=False)
-        opts.classes = ",".join(str(i) for i in sorted(drawn.tolist()))
+        opts.classes = ",".join(str(i) for i in novel_probe_classes(args.data_seed, args.probe_classes))
     probe_classes = data.select_classes(opts.classes)
     opts.num_train = args.probe_train_per_class * len(probe_classes)
     world = data.load_data(opts, train_transform=eval_transform, test_transform=eval_transform)
@@ -716,12 +724,11 @@ def real_transfer_splits(name, root, transform):
         listed = listed_split_files(name, where)
         if listed:  # ssl-transfer's splits, which Table 2 used
             image_root, train_file, test_file = listed
-            train_items, classes = read_split_file(name, train_file)
-            test_items, _ = read_split_file(name, test_file, classes)
+            read = read_caltech101_split if name == "caltech101" else read_sun397_split
+            train_items, classes = read(train_file)
+            test_items, _ = read(test_file, classes)
             return (_ListedImages(image_root, train_items, classes, transform), None,
                     _ListedImages(image_root, test_items, classes, transform))
-        warnings.warn(f"--transfer {name}: no split files under {where} ({SPLIT_FILES[name][1][0][0]}, ...); using "
-                      "a seeded 80/20 split of the whole set, so the score is not comparable with Table 2's")
         full = D.Caltech101(target_type="category", **kw) if name == "caltech101" else D.SUN397(**kw)
         tr, te = _split_validation(len(full), 0)
         return torch.utils.data.Subset(full, tr), None, torch.utils.data.Subset(full, te)
@@ -730,10 +737,11 @@ def real_transfer_splits(name, root, transform):
 
 # Caltech101 and SUN397 come without a train / test split in torchvision. ssl-transfer (whose protocol Table 2
 # follows) reads split files: its caltech101-splits/{train,test}.txt ('Class/image_0001.jpg LABEL', the
-# background class included) and SUN397's official partition 01 (Training_01.txt / Testing_01.txt,
-# '/a/abbey/sun_x.jpg'). Where they lie under --transfer-root/NAME: (image folder, train file, test file).
+# background class included; its readme puts them beside the images) and SUN397's official partition 01
+# (Training_01.txt / Testing_01.txt, '/a/abbey/sun_x.jpg').
 SPLIT_FILES = {  # NAME: (image folder, [(train file, test file), ...]), all under --transfer-root/NAME
-    "caltech101": ("caltech101/101_ObjectCategories", [("caltech101-splits/train.txt", "caltech101-splits/test.txt")]),
+    "caltech101": ("caltech101/101_ObjectCategories", [("caltech101-splits/train.txt", "caltech101-splits/test.txt"),
+                                                        ("train.txt", "test.txt")]),
     "sun397": ("SUN397", [("Training_01.txt", "Testing_01.txt"), ("SUN397/Training_01.txt", "SUN397/Testing_01.txt")]),
 }
 
@@ -750,38 +758,51 @@ def listed_split_files(name, where):
     return None
 
 
-def read_split_file(name, path, classes=None):
-    """[(image path relative to the image folder, label)] of a split file, and the class list. Caltech101 lines
-    carry their label; SUN397's class is the line's folder ('/b/bakery/shop/sun_x.jpg' -> 'bakery/shop'), its
-    labels index the training file's sorted classes."""
-    rows = []
+def _split_lines(path):
+    """(line number, stripped line) of a split file's non-empty lines; an empty file is an error."""
     with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if name == "caltech101":
-                parts = line.split()
-                if len(parts) != 2 or not parts[1].isdigit():
-                    raise ValueError(f"{path}, line {number}: expected 'Class/image.jpg LABEL', got {line!r}")
-                rows.append((parts[0], int(parts[1])))
-            else:
-                folder = os.path.dirname(line.lstrip("/"))
-                if "/" not in folder:
-                    raise ValueError(f"{path}, line {number}: expected '/l/class/image.jpg', got {line!r}")
-                rows.append((line.lstrip("/"), folder.split("/", 1)[1]))
-    if not rows:
+        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    if not lines:
         raise ValueError(f"{path}: no images listed")
-    if name == "caltech101":  # a label's name: the folder of its images
-        folder = {label: p.split("/")[0] for p, label in reversed(rows)}
-        classes = classes or [folder.get(c, str(c)) for c in range(max(folder) + 1)]
-        return rows, classes
-    classes = classes or sorted({label for _, label in rows})
+    return lines
+
+
+def read_caltech101_split(path, classes=None):
+    """ssl-transfer's 'Class/image_0001.jpg LABEL' lines -> ([(path, label)], class names by label). A label
+    is named by its image folder; the test file must use the training file's label of every folder."""
+    rows = []
+    for number, line in _split_lines(path):
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or "/" not in parts[0]:
+            raise ValueError(f"{path}, line {number}: expected 'Class/image.jpg LABEL', got {line!r}")
+        rows.append((parts[0], int(parts[1])))
+    if classes is None:
+        folder = {}
+        for p, label in rows:
+            if folder.setdefault(label, p.split("/")[0]) != p.split("/")[0]:
+                raise ValueError(f"{path}: label {label} is used for folders {folder[label]} and {p.split('/')[0]}")
+        classes = [folder.get(c, str(c)) for c in range(max(folder) + 1)]
+    wrong = [(p, label) for p, label in rows if label >= len(classes) or classes[label] != p.split("/")[0]]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} lines disagree with the training file's labels, e.g. {wrong[0]}")
+    return rows, classes
+
+
+def read_sun397_split(path, classes=None):
+    """SUN397 partition lines '/b/bakery/shop/sun_x.jpg' -> ([(path, label)], classes): the class is the
+    line's folder ('bakery/shop'); labels index the training file's sorted classes."""
+    rows = []
+    for number, line in _split_lines(path):
+        folder = os.path.dirname(line.lstrip("/"))
+        if "/" not in folder:
+            raise ValueError(f"{path}, line {number}: expected '/l/class/image.jpg', got {line!r}")
+        rows.append((line.lstrip("/"), folder.split("/", 1)[1]))
+    classes = classes or sorted({name for _, name in rows})
     index = {c: k for k, c in enumerate(classes)}
-    unknown = sorted({label for _, label in rows} - set(index))
+    unknown = sorted({name for _, name in rows} - set(index))
     if unknown:
         raise ValueError(f"{path}: classes {unknown[:3]} are not in the training split")
-    return [(p, index[label]) for p, label in rows], classes
+    return [(p, index[name]) for p, name in rows], classes
 
 
 class _ListedImages(torch.utils.data.Dataset):
@@ -832,7 +853,7 @@ def main(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
     synthetic = args.data == "synthetic"
     tasks = transfer_tasks(args)
-    check_transfer_folders(tasks, args)
+    check_transfer_folders(tasks, args, dist)
     multi_crop = MultiCropTransform(args.global_scale, args.local_scale, args.local_crops, args.global_size,
                                     args.local_size, args.crop_interpolation)
     eval_transform = probe_transform(args)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import scipy.stats
@@ -581,6 +582,9 @@ def load_eval(run_dir):
         raise ValueError(f"{path} lacks {', '.join(missing)}")
     for key in ("features", "classifier", "tail_classes"):
         data.setdefault(key, None)
+    if data["features"] is not None and data["features"].dtype == np.float16:
+        warnings.warn(f"{path} keeps float16 features (written before 2026-11-26): the NC values recomputed "
+                      "from them can differ from the run's (NC1 up to ~2x on small runs)")
     names, counts = data["classnames"], data["train_counts"]
     if names.ndim != 1 or counts.ndim != 1 or names.size != counts.size:
         raise ValueError(f"{path}: classnames {names.shape} and train_counts {counts.shape} must be 1-D and "
@@ -660,7 +664,7 @@ def main(argv=None):
     parser = _ArgumentParser(prog="metrics.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", help="a run folder holding eval.npz")
     parser.add_argument("--write", action="store_true", help="rewrite final.json and per_class.csv of run_dir "
-                        "(runs written before 2026-11-26 kept float16 features: their NC1 may then differ)")
+                        "(eval.npz files with float16 features, written before 2026-11-26, give a different NC1)")
     parser.add_argument("--bins", type=int, default=5, help="frequency bins in the run summary (default 5)")
     parser.add_argument("--freq", action="append", metavar="TABLE",
                         help="a 'classname<TAB>count' table; give two or more to correlate them")

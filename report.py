@@ -10,7 +10,6 @@ unfinished shows as "missing" (never as a zero) and its claims as "missing runs"
 Run folders are named <experiment>_s<seed> (see run_all.sh); several seeds of one experiment are shown
 as mean +- std. Every figure is written even when its runs are missing (the panel says which).
 """
-import argparse
 import csv
 import datetime
 import json
@@ -874,14 +873,14 @@ def write_report(runs_dir, out, note=None, machine=None):
     figure_tail_classes(runs, out)
     figure_dino_transfer(runs, out)
     claims = [c(runs) for c in CLAIMS]
-    names = sum(len(g) for g in runs.values())
+    n_names = sum(len(g) for g in runs.values())
     n_runs = len({os.path.realpath(r["dir"]) for g in runs.values() for r in g})  # run_all links shared runs
     header = ["# clip-beyond-tail: report", "",
               "Reproduction of Wen et al., \"Generalization Beyond Data Imbalance: A Controlled Study on CLIP for "
               "Transferable Insights\" (NeurIPS 2024, arXiv 2405.21070).", "",
               f"Runs: `{runs_dir}` ({n_runs} finished runs of {len(runs)} experiments"
-              + (f"; shared ones linked under {names - n_runs} more name{'s' * (names - n_runs > 1)}"
-                 if names > n_runs else "")
+              + (f"; shared ones linked under {n_names - n_runs} more name{'s' * (n_names - n_runs > 1)}"
+                 if n_names > n_runs else "")
               + f"). Report written "
               f"{datetime.date.today().isoformat()} on {machine or machine_description()}."
               + (f" {note}" if note else ""),
@@ -894,13 +893,8 @@ def write_report(runs_dir, out, note=None, machine=None):
     return claims
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
-    p = _Parser(prog="report.py", description="Figures and REPORT.md from run_all.sh's run folders.")
+    p = data.ArgumentParser(prog="report.py", description="Figures and REPORT.md from run_all.sh's run folders.")
     p.add_argument("--runs", default="runs/quick", help="folder of run folders <experiment>_s<seed>/")
     p.add_argument("--out", default="report", help="where REPORT.md and the PNG figures go")
     p.add_argument("--note", default=None, help="a sentence added to the header (e.g. the wall time of the runs)")

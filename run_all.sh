@@ -288,6 +288,14 @@ section_fig4() {
 
 # Fig. 5: data scale x text encoder (Sec. 3.5): from scratch, pre-trained and frozen, pre-trained and
 # fine-tuned, on growing uniform subsets of LAIONet.
+# clip_frozen_text F [SUBSET FLAGS]: CLIP with the frozen pre-trained text tower on $D (Fig. 5, and Fig. 7's bar)
+clip_frozen_text() {
+    local f=$1
+    shift
+    REQUIRES=$TEXT_NEEDS exp "clip_frozen_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" "$@" --text-init "$TEXT_INIT" \
+        --lock-text
+}
+
 section_fig5() {
     [[ $MODE == paper ]] && { need LAIONET_TSV IMAGENET_VAL || return; }
     local D f frac
@@ -296,8 +304,7 @@ section_fig5() {
     for f in "${SCALES[@]}"; do
         frac=(); [[ $f != 1 ]] && frac=(--subset-frac "$f")
         exp "clip_scratch_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" "${frac[@]+"${frac[@]}"}"
-        REQUIRES=$TEXT_NEEDS exp "clip_frozen_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
-            "${frac[@]+"${frac[@]}"}" --text-init "$TEXT_INIT" --lock-text
+        clip_frozen_text "$f" "${frac[@]+"${frac[@]}"}"
         REQUIRES=$TEXT_NEEDS exp "clip_finetune_frac$f" clip_tail.py "${D[@]}" "${CLIP[@]}" \
             "${frac[@]+"${frac[@]}"}" --text-init "$TEXT_INIT"
     done
@@ -335,7 +342,7 @@ section_fig7() {
     fi
     text_tower
     laionet
-    REQUIRES=$TEXT_NEEDS exp clip_frozen_frac1 clip_tail.py "${D[@]}" "${CLIP[@]}" --text-init "$TEXT_INIT" --lock-text
+    clip_frozen_text 1
 }
 
 # Fig. 8/9: the extreme long tail (Sec. 4.1): the TRIM rarest classes cut to one shot / zero shots.

@@ -482,6 +482,8 @@ def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys
     (["--eval-only", "--pretrained", "RN50:openai:nosuch"], ["unknown frequency profile 'nosuch'"]),
     (["--text-init", "runs/none/checkpoint.pt"], ["--text-init runs/none/checkpoint.pt: no such file"]),
     (["--open-world", "-3"], ["--open-world"]),
+    (["--text-init", "RN-micro:/nonexistent/w.pt"], ["--text-init RN-micro:/nonexistent/w.pt: no such file"]),
+    (["--freq-table", "/nonexistent/freq.txt"], ["frequency table not found: /nonexistent/freq.txt"]),
 ])
 def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
     code, err = run_in_process(["--model", "RN-micro", *flags, "--out", str(tmp_path / "x")], monkeypatch, capsys)
@@ -489,6 +491,36 @@ def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clip_tail.py: error:") and all(w in lines[0] for w in words), err
     assert not (tmp_path / "x").exists()  # no run folder is left behind
+
+
+def test_freq_tables_of_the_evaluated_classes_are_accepted_up_front(tmp_path):
+    """--freq-table may list one line per evaluated class (e.g. the shipped IN-Caps-100 table)."""
+    args = clip_tail.parse_args(["--freq-table", "incaps-imagenet100", "--classes", "in100"])
+    assert args.freq_table == "incaps-imagenet100"
+    table = tmp_path / "in100.txt"
+    table.write_text("".join(f"class {i}\t{i + 1}\n" for i in range(100)))
+    clip_tail.parse_args(["--eval-only", "--pretrained", f"RN50:openai:{table}"])
+
+
+def test_text_init_from_a_model_and_weight_file(tmp_path):
+    """--text-init MODEL:FILE: the weights of another model's text tower, read from a file."""
+    import open_clip
+    path = tmp_path / "w.pt"
+    torch.save(open_clip.create_model("RN-micro").state_dict(), path)
+    args = clip_tail.parse_args(["--model", "RN-micro", "--text-init", f"RN-micro:{path}"])
+    model, _ = clip_tail.build_model(args, torch.device("cpu"))
+    reference = open_clip.create_model("RN-micro").state_dict()
+    saved = torch.load(path)
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved if clip_tail.is_text_key(k))
+    assert not all(torch.equal(model.state_dict()[k], reference[k]) for k in saved if clip_tail.is_text_key(k))
+
+
+def test_a_finished_run_is_refused_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint.pt").write_bytes(b"")
+    monkeypatch.setattr(clip_tail, "build_model", lambda *a: pytest.fail("model built before the folder check"))
+    code, err = run_in_process(["--model", "RN-micro", "--out", str(tmp_path / "done")], monkeypatch, capsys)
+    assert code == 2 and "already holds a run" in err
 
 
 def test_recipes():

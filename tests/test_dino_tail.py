@@ -408,7 +408,8 @@ def test_novel_task_leaves_out_open_world_concepts(tmp_path):
     task = dino_tail.synthetic_transfer_task("novel", args, pretrain, dino_tail.data.Dist(), _PixelFeatures(),
                                              dino_tail.probe_transform(args))
     names = dino_tail.data.imagenet_classnames()
-    drawn = sorted(np.random.default_rng([args.data_seed, 7]).choice(1000, 300, replace=False).tolist())
+    drawn = dino_tail.novel_probe_classes(args.data_seed, 300)
+    assert len(set(drawn)) == 300 and drawn == sorted(drawn) and 0 <= drawn[0] and drawn[-1] < 1000
     expected = [names[c] for c in drawn if c not in seen]
     assert task["classnames"] == expected and 0 < len(expected) < 300 - 20
 
@@ -521,6 +522,16 @@ def test_caltech101_split_files_are_followed(tmp_path):
     for dataset, rels in ((tr, train), (te, test)):
         for (image, label), rel in zip(dataset, rels):
             assert image.shape == (3, 8, 8) and int(image[0, 0, 0]) == files[rel][1] and label == files[rel][0]
+    # ssl-transfer's readme places the two files beside the images: found there too
+    for split in ("train", "test"):
+        (where / "caltech101-splits" / f"{split}.txt").rename(where / f"{split}.txt")
+    assert len(dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)[0]) == 3
+    for split in ("train", "test"):
+        (where / f"{split}.txt").rename(where / "caltech101-splits" / f"{split}.txt")
+    # a test file whose labels disagree with the training file's folders
+    (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0002.jpg 2\n")
+    with pytest.raises(ValueError, match="disagree with the training file's labels"):
+        dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
     (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0002.jpg\n")
     with pytest.raises(ValueError, match=r"test.txt, line 1: expected 'Class/image.jpg LABEL'"):
         dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
@@ -545,9 +556,11 @@ def test_sun397_official_partition_and_fallback(tmp_path):
     for rel, value in rels.items():
         _jpg(root / rel, value)
     (root / "ClassName.txt").write_text("/a/abbey\n/b/bakery/shop\n")
-    # without partition files: torchvision's SUN397, a seeded 80/20 split, and a warning
+    # without partition files: torchvision's SUN397, a seeded 80/20 split, and a warning before pre-training
+    args = type("Args", (), dict(transfer_root=str(tmp_path)))()
     with pytest.warns(UserWarning, match="no split files .* not comparable with Table 2"):
-        tr, _, te = dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
+        dino_tail.check_transfer_folders(["sun397"], args, dino_tail.data.Dist())
+    tr, _, te = dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
     assert len(tr) + len(te) == 4
     (tmp_path / "sun397" / "Training_01.txt").write_text("/b/bakery/shop/sun_b1.jpg\n/a/abbey/sun_a1.jpg\n")
     (tmp_path / "sun397" / "Testing_01.txt").write_text("/a/abbey/sun_a2.jpg\n/b/bakery/shop/sun_b2.jpg\n")
