@@ -118,15 +118,15 @@ def select_classes(spec):
     if spec == "in1k":
         return list(range(1000))
     m = re.fullmatch(r"rand(\d+)(?::(\d+))?", spec)
-    if m and 1 <= int(m.group(1)) <= 1000:
+    if m and 2 <= int(m.group(1)) <= 1000:
         rng = np.random.RandomState(int(m.group(2) or 42))
         return sorted(rng.choice(1000, int(m.group(1)), replace=False).tolist())
     if re.fullmatch(r"\d+(,\d+)*", spec):
         ids = [int(i) for i in spec.split(",")]
-        if max(ids) < 1000 and len(set(ids)) == len(ids):
+        if max(ids) < 1000 and len(set(ids)) == len(ids) > 1:
             return ids
-    raise ValueError(f"unknown class set {spec!r}: use in100, in1k, rand<K>[:SEED] with 1 <= K <= 1000, "
-                     "or distinct ImageNet indices 0-999 separated by commas")
+    raise ValueError(f"unknown class set {spec!r}: use in100, in1k, rand<K>[:SEED] with 2 <= K <= 1000, "
+                     "or two or more distinct ImageNet indices 0-999 separated by commas")
 
 
 def _profile_files():
@@ -160,9 +160,14 @@ def read_frequency_table(path):
             parts = line.rstrip("\n").rsplit("\t", 1)
             try:
                 counts.append(float(parts[1]))
+                if not counts[-1] >= 0 or counts[-1] == math.inf:
+                    raise ValueError
             except (IndexError, ValueError):
-                raise ValueError(f"{path}:{lineno}: expected 'classname<TAB>count', got {line.strip()!r}")
+                raise ValueError(f"{path}:{lineno}: expected 'classname<TAB>count' with a finite count >= 0, "
+                                 f"got {line.strip()!r}") from None
             names.append(parts[0])
+    if not any(c > 0 for c in counts):
+        raise ValueError(f"frequency table {path} has no class with a positive count")
     return names, np.asarray(counts, dtype=np.float64)
 
 
@@ -945,6 +950,23 @@ def _caption_args(opts):
     return dict(kind=opts.captions, fields=fields, class_prefix=bool(opts.class_prefix))
 
 
+def check_data_options(opts):
+    """The numeric data flags lie in their ranges (nan fails every comparison, so it is caught too)."""
+    if opts.image_size is not None and not opts.image_size >= 1:
+        raise ValueError(f"--image-size must be >= 1, got {opts.image_size}")
+    if not 0 <= opts.diversity < math.inf:
+        raise ValueError(f"--diversity must be a finite number >= 0, got {opts.diversity}")
+    if not 0 <= opts.max_bad_frac <= 1:
+        raise ValueError(f"--max-bad-frac must be in [0, 1], got {opts.max_bad_frac}")
+    if opts.data == "cifar100-lt" and not 1 <= opts.imbalance < math.inf:
+        raise ValueError(f"--imbalance (largest / smallest class) must be a finite number >= 1, got {opts.imbalance}")
+    if opts.subset_size is not None and opts.subset_frac < 1:
+        raise ValueError("give --subset-size or --subset-frac, not both")
+    names = [spec.partition("=")[0] for spec in opts.extra_eval]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--extra-eval names must differ, got {names}")
+
+
 def load_data(args, train_transform=None, test_transform=None, need_test=True):
     """Build the data the flags describe (see add_data_args). Transforms default to
     default_transforms(): the paper's light RandomResizedCrop + CLIP normalisation (synthetic images
@@ -953,6 +975,7 @@ def load_data(args, train_transform=None, test_transform=None, need_test=True):
     pre-training, which evaluates on other data): real data without a test set gets test None."""
     opts = _data_options(args)
     opts.need_test = need_test
+    check_data_options(opts)
     loaders = {"synthetic": _load_synthetic, "incaps": _load_incaps, "tsv": _load_tsv,
                "imagefolder": _load_imagefolder, "cifar100-lt": _load_cifar100_lt}
     if opts.data not in loaders:
@@ -987,8 +1010,6 @@ def _load_synthetic(opts, train_transform, test_transform):
         raise ValueError(f"--image-size {size}: the synthetic world renders 32 or 64 px")
     if opts.num_test_per_class < 1:
         raise ValueError(f"--num-test-per-class must be >= 1, got {opts.num_test_per_class}")
-    if opts.diversity < 0:
-        raise ValueError(f"--diversity must be >= 0, got {opts.diversity}")
     class_ids = select_classes(opts.classes)
     counts = scale_counts(frequency_profile(opts.profile, class_ids), opts.num_train)
     # open-world concepts: other ImageNet classes, counted like the evaluated ones (same profile, same scale)
@@ -1152,6 +1173,8 @@ def _class_lookup(classnames, imagenet_ids, synonyms=None):
 def _image_folder(root):
     """[(folder name, [image paths])] of an ImageFolder layout root/<class>/<image>, sorted."""
     _need_path(root, "image folder")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root} is not a folder (expected {root}/<class>/<image>)")
     out = []
     for d in sorted(os.listdir(root)):
         full = os.path.join(root, d)
@@ -1489,8 +1512,8 @@ def trim_tail(labels, counts, k, shots, rng):
     a class with fewer keeps what it has). Ties in frequency are broken by a seeded random order.
     Returns (kept indices, tail classes)."""
     labels, counts = np.asarray(labels), np.asarray(counts)
-    if not 0 < k <= len(counts):
-        raise ValueError(f"--trim-tail must be in [1, {len(counts)}], got {k}")
+    if not 0 < k < len(counts):
+        raise ValueError(f"--trim-tail must be in [1, {len(counts) - 1}] (some classes must stay), got {k}")
     tie = rng.permutation(len(counts))
     tail = np.lexsort((tie, counts))[:k]  # sort by count, then by the random tie-break
     short = [int(c) for c in tail if counts[c] < shots]

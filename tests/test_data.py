@@ -5,6 +5,7 @@ independent computation (scipy, the metadata tables, hand-written cases)."""
 import argparse
 import json
 import os
+import re
 import pickle
 import subprocess
 import sys
@@ -166,6 +167,38 @@ def test_bad_subset_fraction_is_an_argparse_error(text, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         opts(tmp_path, "--subset-frac", text)
     assert stop.value.code == 2 and "--subset-frac" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "0"], "--image-size must be >= 1"),
+    (["--diversity", "nan"], "--diversity must be a finite number"),
+    (["--diversity", "inf"], "--diversity must be a finite number"),
+    (["--max-bad-frac", "-1"], "--max-bad-frac must be in [0, 1]"),
+    (["--max-bad-frac", "nan"], "--max-bad-frac must be in [0, 1]"),
+    (["--data", "cifar100-lt", "--imbalance", "0.5"], "--imbalance"),
+    (["--subset-size", "100", "--subset-frac", "1/2"], "not both"),
+    (["--extra-eval", "a=/x", "--extra-eval", "a=/y"], "--extra-eval names must differ"),
+    (["--classes", "7"], "unknown class set"),
+    (["--classes", "rand1"], "unknown class set"),
+    (["--trim-tail", "100"], "--trim-tail must be in [1, 99]"),
+    (["--extra-eval", "a=REPO/README.md"], "is not a folder"),
+])
+def test_impossible_data_flags_are_refused(flags, message, tmp_path):
+    flags = [f.replace("REPO", REPO) for f in flags]
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        small(tmp_path, *flags)
+
+
+@pytest.mark.parametrize("table, message", [
+    ("a\t0\nb\t0\n", "no class with a positive count"),
+    ("a\t3\nb\t-1\n", "finite count >= 0"),
+    ("a\t3\nb\tnan\n", "finite count >= 0"),
+])
+def test_frequency_tables_need_finite_non_negative_counts(table, message, tmp_path):
+    path = tmp_path / "freq.txt"
+    path.write_text(table)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.read_frequency_table(str(path))
 
 
 def test_uniform_subset_and_size_match(tmp_path):
