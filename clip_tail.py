@@ -44,8 +44,8 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 import metrics
-from data import (ArgumentParser, LongTailData, RunDir, add_data_args, all_gather_cat, check_finite,
-                  check_run_folder, data_flag_names, eval_image_folder, eval_loader, frequency_profile,
+from data import (ArgumentParser, LongTailData, RunDir, add_data_args, all_gather_cat, check_batch_split,
+                  check_finite, check_run_folder, data_flag_names, eval_image_folder, eval_loader, frequency_profile,
                   gather_eval, imagenet_classnames, imagenet_synonyms, init_distributed, load_checkpoint,
                   load_data, profile_table_path, rng_state, run_cli, save_checkpoint, seed_everything,
                   select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags, write_json)
@@ -191,6 +191,17 @@ def is_text_key(key):
     return not key.startswith("visual.") and key not in ("logit_scale", "logit_bias")
 
 
+def read_weights(path, reader=load_state_dict, **kwargs):
+    """reader(path) for a --text-init weight file, any failure a one-line error naming the file."""
+    try:
+        state = reader(path, **kwargs)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+        return state
+    except Exception as e:  # not a torch file, foreign objects, truncated
+        raise ValueError(f"--text-init {path}: cannot read its weights ({str(e).splitlines()[0]})") from None
+
+
 def build_model(args, device):
     """An open_clip CLIP model from scratch (Sec. 3.2), its text tower optionally initialised from
     pre-trained weights and frozen or fine-tuned (Sec. 3.5, Appx. C.4). Returns (model, quick_gelu)."""
@@ -202,14 +213,15 @@ def build_model(args, device):
             raise FileNotFoundError(f"--text-init {args.text_init}: no such file")  # (not an open_clip tag)
         if os.path.isfile(args.text_init):
             path = args.text_init
-            saved = {} if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+            saved = {} if path.endswith(".safetensors") else read_weights(path, torch.load, map_location="cpu",
+                                                                              weights_only=True)
             quick_gelu = isinstance(saved, dict) and bool(saved.get("quick_gelu", False))  # ours record it
         else:
             name, _, tag = args.text_init.rpartition(":")
             name = name or args.model
             path = cached_pretrained_file(name, tag)
             quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
-        text_state = {k: v for k, v in load_state_dict(path).items() if is_text_key(k)}
+        text_state = {k: v for k, v in read_weights(path).items() if is_text_key(k)}
     model = open_clip.create_model(args.model, force_image_size=args.image_size, force_quick_gelu=quick_gelu,
                                    device=device)
     if text_state is not None:
@@ -470,11 +482,12 @@ def evaluate_checkpoint(args, dist):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = init_distributed(args.device)
+    dist = init_distributed(args.device, args.amp)
     if args.eval_only:  # (evaluate_and_write creates --out once there is something to write)
         return evaluate_pretrained(args, dist) if args.pretrained else evaluate_checkpoint(args, dist)
     if args.image_size is None:
         args.image_size = default_image_size(args)
+    check_batch_split(args.batch_size, dist)
     check_run_folder(args.out, args.resume)
     seed_everything(args.seed)  # same initial weights on every rank
     model, quick_gelu = build_model(args, dist.device)

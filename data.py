@@ -230,7 +230,10 @@ def load_head(name_or_path, imagenet_ids, classnames=None):
     path = os.path.join(HEAD_DIR, HEADS[name_or_path]) if name_or_path in HEADS else name_or_path
     if not os.path.exists(path):
         raise FileNotFoundError(f"head not found: {path} (shipped heads: {', '.join(HEADS)})")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, a pickle of other objects, truncated: say which file
+        raise ValueError(f"cannot read head file {path}: {str(e).splitlines()[0]}") from None
     names = None
     if isinstance(obj, dict):
         if "prototypes" not in obj:
@@ -952,8 +955,12 @@ def _caption_args(opts):
 
 def check_data_options(opts):
     """The numeric data flags lie in their ranges (nan fails every comparison, so it is caught too)."""
-    if opts.image_size is not None and not opts.image_size >= 1:
-        raise ValueError(f"--image-size must be >= 1, got {opts.image_size}")
+    if opts.image_size is not None and not opts.image_size >= 32:
+        raise ValueError(f"--image-size must be >= 32 (the ResNets downsample 32x), got {opts.image_size}")
+    if opts.num_train < 1 or opts.num_test_per_class < 1:
+        raise ValueError("--num-train and --num-test-per-class must be >= 1")
+    select_classes(opts.classes)  # also with real data, where the folders name the classes: no silent typo
+    profile_table_path(opts.profile)
     if not 0 <= opts.diversity < math.inf:
         raise ValueError(f"--diversity must be a finite number >= 0, got {opts.diversity}")
     if not 0 <= opts.max_bad_frac <= 1:
@@ -1081,7 +1088,7 @@ class _ImageFiles:
                 if len(self.bad) > self.max_bad_frac * tried:
                     raise ValueError(f"{len(self.bad)} of {len(self.tried)} images read so far are unreadable, more "
                                      f"than --max-bad-frac {self.max_bad_frac}; first: {sorted(self.bad)[0]}")
-        raise RuntimeError(f"none of the {n} images can be read")
+        raise ValueError(f"none of the {n} images can be read")
 
 
 class FileTrainSet(CaptionedTrainSet, _ImageFiles):
@@ -1701,13 +1708,15 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device="auto"):
+def init_distributed(device="auto", amp=False):
     """One process, or one of N under torchrun: NCCL on GPUs, gloo on CPUs."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
+    if amp and not use_cuda:
+        raise ValueError("--amp needs a CUDA GPU (bfloat16 autocast)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -1719,6 +1728,14 @@ def init_distributed(device="auto"):
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world_size, local_rank, dev)
+
+
+def check_batch_split(batch_size, dist):
+    """The global batch splits evenly over the processes, at least 2 images each (BatchNorm's minimum)."""
+    if batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {dist.world_size} processes")
+    if batch_size // dist.world_size < 2:
+        raise ValueError(f"--batch-size {batch_size} leaves fewer than 2 images per process; BatchNorm needs 2")
 
 
 def close_distributed():
@@ -1996,10 +2013,18 @@ def check_finite(loss, epoch, step):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the scripts' error style: one line naming the problem, exit status 2 (argparse's own
-    adds the whole usage text, which buries the message)."""
+    adds the whole usage text, which buries the message). No flag takes nan or inf: they would only show
+    up as a nan loss, after training has started."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for key, value in vars(parsed).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                self.error(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+        return parsed
 
 
 def run_cli(main):
@@ -2009,7 +2034,7 @@ def run_cli(main):
     """
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a path that is a file, unwritable, ...
         if os.environ.get("CLIP_TAIL_DEBUG"):
             raise
         message = str(e).strip()

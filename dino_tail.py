@@ -165,6 +165,8 @@ def parse_args(argv=None):
     if args.global_size % 32 or args.local_size % 32:
         raise ValueError(f"crop sizes must be multiples of 32 (the ResNet's stride), got {args.global_size} "
                          f"and {args.local_size}")
+    if args.extra_eval:
+        raise ValueError("--extra-eval: dino_tail.py evaluates by linear probes (--transfer), not on test sets")
     if args.probe_image_size is not None and args.probe_image_size < 32:
         raise ValueError(f"--probe-image-size must be >= 32 (the ResNet's stride), got {args.probe_image_size}")
     return args
@@ -848,9 +850,8 @@ def real_transfer_task(name, args, dist, backbone, transform):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = data.init_distributed(args.device)
-    if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
+    dist = data.init_distributed(args.device, args.amp)
+    data.check_batch_split(args.batch_size, dist)
     synthetic = args.data == "synthetic"
     tasks = transfer_tasks(args)
     check_transfer_folders(tasks, args, dist)

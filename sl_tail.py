@@ -100,13 +100,19 @@ def parse_args(argv=None):
             setattr(args, key, recipe[key])
     if args.lr is None:
         args.lr = recipe["base_lr"] * args.batch_size / 256  # linear scaling rule, Appx. C.1
+    explicit_steps = args.lr_steps is not None
     if args.lr_steps is None:
         args.lr_steps = ",".join(str(round(args.epochs * f)) for f in LR_STEPS)
     try:
-        # a repeated epoch decays twice there (MultiStepLR counts it), as when few --epochs round two steps together
-        args.lr_steps = sorted(int(s) for s in str(args.lr_steps).split(",") if s.strip() and int(s) > 0)
+        steps = [int(s) for s in str(args.lr_steps).split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}") from None
+    if explicit_steps and not all(1 <= s < args.epochs for s in steps):
+        raise ValueError(f"--lr-steps must be epochs in [1, {args.epochs - 1}] (after which the lr decays), "
+                         f"got {args.lr_steps}")
+    # a repeated epoch decays twice there (MultiStepLR counts it), as when few --epochs round two steps together;
+    # the recipe's steps round to 0 for very few --epochs: those are dropped
+    args.lr_steps = sorted(s for s in steps if s > 0)
     for name, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--voc", args.voc, 0), ("--workers", args.workers, 0), ("--seed", args.seed, 0),
                              ("--eval-batch-size", args.eval_batch_size, 1)]:
@@ -118,8 +124,10 @@ def parse_args(argv=None):
         raise ValueError("--head-file needs --head frozen or --head finetune")
     if args.head != "learnable" and not args.head_file:
         raise ValueError(f"--head {args.head} needs --head-file (e.g. clip-rn50)")
-    if args.amp and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise ValueError("--amp needs a CUDA GPU")
+    if not 0 <= args.momentum < 1 or args.focal_gamma < 0 or args.affinity_classes < 0:
+        raise ValueError("--momentum must be in [0, 1), --focal-gamma and --affinity-classes >= 0")
+    if args.embed_dim is not None and args.embed_dim < 1:
+        raise ValueError(f"--embed-dim must be >= 1, got {args.embed_dim}")
     return args
 
 
@@ -293,9 +301,8 @@ def affinity_class_sample(num_classes, train_counts, tail_classes, k):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = data.init_distributed(args.device)
-    if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
+    dist = data.init_distributed(args.device, args.amp)
+    data.check_batch_split(args.batch_size, dist)
     longtail = data.load_data(args)
     train_set = longtail.train_labelled()  # open-world samples (label -1) have no class to learn (Sec. 3.6)
     num_classes = len(longtail.classnames)

@@ -484,6 +484,11 @@ def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys
     (["--open-world", "-3"], ["--open-world"]),
     (["--text-init", "RN-micro:/nonexistent/w.pt"], ["--text-init RN-micro:/nonexistent/w.pt: no such file"]),
     (["--freq-table", "/nonexistent/freq.txt"], ["frequency table not found: /nonexistent/freq.txt"]),
+    (["--lr", "nan"], ["--lr must be a finite number"]),
+    (["--amp", "--device", "cpu"], ["--amp needs a CUDA GPU"]),
+    (["--batch-size", "1"], ["fewer than 2 images per process"]),
+    (["--text-init", "README.md"], ["--text-init README.md: cannot read its weights"]),
+    (["--image-size", "7"], ["--image-size must be >= 32"]),
 ])
 def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
     code, err = run_in_process(["--model", "RN-micro", *flags, "--out", str(tmp_path / "x")], monkeypatch, capsys)

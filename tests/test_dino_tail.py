@@ -334,6 +334,7 @@ def _run(args, env_extra=None, **kw):
     (["--voc", "100", "--prototypes", "64"], "--voc 100 is larger than the 64 prototypes"),
     (["--global-size", "40"], "multiples of 32"),
     (["--probe-image-size", "16"], "--probe-image-size must be >= 32"),
+    (["--extra-eval", "x=/tmp"], "dino_tail.py evaluates by linear probes"),
     (["--transfer", "cifar10"], "needs --data other than synthetic"),
     (["--data", "imagefolder", "--transfer", "novel"], "needs --data synthetic"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),

@@ -4,6 +4,7 @@ NaN stop, trimmed tail outputs, bad flags."""
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -521,11 +522,20 @@ def test_frozen_head_on_zero_shot_tail(tmp_path, cache_dir):
     (["--head-file", "clip-rn50"], "--head-file needs --head frozen"),
     (["--head", "frozen", "--head-file", "/nonexistent/head.pt"], "head not found"),
     (["--amp", "--device", "cpu"], "--amp needs a CUDA GPU"),
+    (["--momentum", "5"], "--momentum must be in [0, 1)"),
+    (["--lr-steps", "1000"], "--lr-steps must be epochs in"),
+    (["--lr-steps", "-3"], "--lr-steps must be epochs in"),
+    (["--embed-dim", "0"], "--embed-dim must be >= 1"),
+    (["--focal-gamma", "-3"], "--focal-gamma"),
+    (["--batch-size", "1"], "fewer than 2 images per process"),
+    (["--head", "frozen", "--head-file", "README.md"], "cannot read head file README.md"),
+    (["--data", "imagefolder", "--data-root", ".", "--classes", "nosuch"], "unknown class set"),
+    (["--data", "imagefolder", "--data-root", ".", "--profile", "nosuch"], "unknown frequency profile"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
 ])
 def test_bad_flags(flags, message, tmp_path, cache_dir):
-    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("-", r"\-")):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir, *flags])
 
 
@@ -549,6 +559,12 @@ def test_bad_flag_is_one_line_exit_2(tmp_path, cache_dir):
     assert "Traceback" not in proc.stderr
     # the last line (torch may log warnings of its own above it, e.g. about CUDA_HOME without a GPU)
     assert proc.stderr.strip().splitlines()[-1] == "sl_tail.py: error: --voc 500 is larger than the 100 classes"
+    proc = _run([*TINY, "--lr", "nan", "--out", str(tmp_path / "bad")], cache_dir, check=False, debug=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        "sl_tail.py: error: --lr must be a finite number, got nan"
+    (tmp_path / "afile").write_text("")
+    proc = _run([*TINY, "--out", str(tmp_path / "afile" / "run")], cache_dir, check=False, debug=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "afile" in proc.stderr.strip().splitlines()[-1]
     proc = _run([*TINY, "--bogus", "--out", str(tmp_path / "bad")], cache_dir, check=False, debug=False)
     assert proc.returncode == 2 and "usage:" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "sl_tail.py: error: unrecognized arguments: --bogus"
