@@ -47,8 +47,9 @@ import metrics
 from data import (ArgumentParser, LongTailData, RunDir, add_data_args, all_gather_cat, check_batch_split,
                   check_finite, check_run_folder, data_flag_names, eval_image_folder, eval_loader, frequency_profile,
                   gather_eval, imagenet_classnames, imagenet_synonyms, init_distributed, load_checkpoint,
-                  load_data, profile_table_path, rng_state, run_cli, save_checkpoint, seed_everything,
-                  select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags, write_json)
+                  load_data, profile_table_path, read_frequency_table, rng_state, run_cli, save_checkpoint,
+                  seed_everything, select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags,
+                  write_json)
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
 # 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -127,8 +128,14 @@ def parse_args(argv=None):
         raise ValueError("--eval-only needs --pretrained MODEL:TAG, --checkpoint FILE or --resume (the run in --out)")
     check_model_name(args.model, "--model")
     for freq in [args.freq_table] + [freq for _, _, freq in pretrained_entries(args)]:
-        if freq:
-            profile_table_path(freq)  # an unknown name or missing table fails now, not after training
+        path = profile_table_path(freq) if freq else None  # a bad table fails now, not after training
+        if path:
+            read_frequency_table(path)
+    head_folder = os.path.dirname(os.path.abspath(args.export_head)) if args.export_head else None
+    while head_folder and not os.path.exists(head_folder):
+        head_folder = os.path.dirname(head_folder)
+    if head_folder and not os.path.isdir(head_folder):
+        raise ValueError(f"--export-head {args.export_head}: {head_folder} is a file, not a folder")
     return args
 
 
@@ -257,7 +264,7 @@ def cosine_schedule(optimizer, warmup, total_steps):
 
 
 def autocast(args, device):
-    """--amp: bfloat16 autocast on CUDA (no loss scaling needed); a no-op on the CPU."""
+    """--amp: bfloat16 autocast on CUDA (no loss scaling needed; init_distributed refuses --amp without a GPU)."""
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
 
@@ -411,7 +418,11 @@ def pretrained_model(name, tag, device):
     open_clip's own (shorter side resized, centre crop, the weights' mean / std)."""
     path = cached_pretrained_file(name, tag)
     cfg = open_clip.get_pretrained_cfg(name, tag) if not os.path.isfile(tag) else {}
-    model = open_clip.create_model(name, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu")), device=device)
+    try:
+        model = open_clip.create_model(name, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu")),
+                                       device=device)
+    except Exception as e:  # not a weight file, another model's weights, truncated
+        raise ValueError(f"--pretrained {name}:{tag}: cannot load {path} ({str(e).splitlines()[0][:200]})") from None
     transform = open_clip.image_transform(model.visual.image_size, is_train=False, mean=cfg.get("mean"),
                                           std=cfg.get("std"), resize_mode=cfg.get("resize_mode"),
                                           interpolation=cfg.get("interpolation"))
@@ -487,6 +498,8 @@ def main(argv=None):
         return evaluate_pretrained(args, dist) if args.pretrained else evaluate_checkpoint(args, dist)
     if args.image_size is None:
         args.image_size = default_image_size(args)
+    if args.image_size < 32:
+        raise ValueError(f"--image-size must be >= 32 (the image towers downsample 32x), got {args.image_size}")
     check_batch_split(args.batch_size, dist)
     check_run_folder(args.out, args.resume)
     seed_everything(args.seed)  # same initial weights on every rank

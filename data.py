@@ -955,8 +955,8 @@ def _caption_args(opts):
 
 def check_data_options(opts):
     """The numeric data flags lie in their ranges (nan fails every comparison, so it is caught too)."""
-    if opts.image_size is not None and not opts.image_size >= 32:
-        raise ValueError(f"--image-size must be >= 32 (the ResNets downsample 32x), got {opts.image_size}")
+    if opts.image_size is not None and not opts.image_size >= 1:
+        raise ValueError(f"--image-size must be >= 1, got {opts.image_size}")
     if opts.num_train < 1 or opts.num_test_per_class < 1:
         raise ValueError("--num-train and --num-test-per-class must be >= 1")
     select_classes(opts.classes)  # also with real data, where the folders name the classes: no silent typo

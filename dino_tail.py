@@ -167,6 +167,10 @@ def parse_args(argv=None):
                          f"and {args.local_size}")
     if args.extra_eval:
         raise ValueError("--extra-eval: dino_tail.py evaluates by linear probes (--transfer), not on test sets")
+    if not (0 <= args.utilisation_eps <= 2 and 0 <= args.min_lr <= args.lr and args.clip_grad >= 0):
+        raise ValueError("--utilisation-eps must be in [0, 2], --min-lr in [0, --lr], --clip-grad >= 0")
+    if args.warmup_epochs > args.epochs or args.freeze_last_layer > args.epochs:
+        raise ValueError(f"--warmup-epochs and --freeze-last-layer must not exceed --epochs {args.epochs}")
     if args.probe_image_size is not None and args.probe_image_size < 32:
         raise ValueError(f"--probe-image-size must be >= 32 (the ResNet's stride), got {args.probe_image_size}")
     return args
@@ -859,6 +863,12 @@ def main(argv=None):
                                     args.local_size, args.crop_interpolation)
     eval_transform = probe_transform(args)
     longtail = data.load_data(args, train_transform=multi_crop, test_transform=eval_transform, need_test=False)
+    if "novel" in tasks:  # checked now, not after pre-training
+        novel = set(novel_probe_classes(args.data_seed, args.probe_classes))
+        left = novel - set(longtail.imagenet_ids) - set(longtail.open_world_ids)
+        if len(left) < 2:
+            raise ValueError(f"--probe-classes {args.probe_classes} leaves {len(left)} classes outside pre-training "
+                             "for the 'novel' probe: draw more, or pre-train on fewer --classes")
     train_set = longtail.train  # self-supervised: every image, open-world ones included; labels unused
     run_dir = data.RunDir(args.out, args, dist, resume=args.resume)
 

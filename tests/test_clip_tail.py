@@ -489,6 +489,8 @@ def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys
     (["--batch-size", "1"], ["fewer than 2 images per process"]),
     (["--text-init", "README.md"], ["--text-init README.md: cannot read its weights"]),
     (["--image-size", "7"], ["--image-size must be >= 32"]),
+    (["--export-head", "README.md/head.pt"], ["README.md is a file, not a folder"]),
+    (["--freq-table", "tests/conftest.py.txt"], ["frequency table not found"]),
 ])
 def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
     code, err = run_in_process(["--model", "RN-micro", *flags, "--out", str(tmp_path / "x")], monkeypatch, capsys)

@@ -335,6 +335,10 @@ def _run(args, env_extra=None, **kw):
     (["--global-size", "40"], "multiples of 32"),
     (["--probe-image-size", "16"], "--probe-image-size must be >= 32"),
     (["--extra-eval", "x=/tmp"], "dino_tail.py evaluates by linear probes"),
+    (["--min-lr", "1"], "--min-lr in [0, --lr]"),
+    (["--clip-grad", "-1"], "--clip-grad >= 0"),
+    (["--utilisation-eps", "-1"], "--utilisation-eps must be in [0, 2]"),
+    (["--warmup-epochs", "1000"], "must not exceed --epochs"),
     (["--transfer", "cifar10"], "needs --data other than synthetic"),
     (["--data", "imagefolder", "--transfer", "novel"], "needs --data synthetic"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -395,6 +399,13 @@ class _PixelFeatures(nn.Module):
 
     def forward(self, images):
         return images.flatten(1)[:, :12].float()
+
+
+def test_a_novel_probe_without_novel_classes_stops_before_pre_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(dino_tail, "build_model", lambda *a: pytest.fail("pre-training started"))
+    with pytest.raises(ValueError, match="--probe-classes 1 leaves 0 classes outside pre-training"):
+        dino_tail.main(["--probe-classes", "1", "--classes", "in1k", "--num-train", "1000",
+                        "--cache-dir", str(tmp_path), "--out", str(tmp_path / "run")])
 
 
 def test_novel_task_leaves_out_open_world_concepts(tmp_path):

@@ -548,7 +548,7 @@ def test_head_with_wrong_number_of_classes(tmp_path, cache_dir):
 
 
 def test_batch_not_divisible_by_processes(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(data, "init_distributed", lambda device="auto": data.Dist(rank=0, world_size=7))
+    monkeypatch.setattr(data, "init_distributed", lambda device="auto", amp=False: data.Dist(rank=0, world_size=7))
     with pytest.raises(ValueError, match=f"--batch-size {BATCH} is not divisible by the 7 processes"):
         sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir])
 
