@@ -265,7 +265,7 @@ def cosine_schedule(optimizer, warmup, total_steps):
 
 def autocast(args, device):
     """--amp: bfloat16 autocast on CUDA (no loss scaling needed; init_distributed refuses --amp without a GPU)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
 def unwrap(model):

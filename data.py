@@ -1015,8 +1015,6 @@ def _load_synthetic(opts, train_transform, test_transform):
     size = opts.image_size or 32
     if size not in (32, 64):
         raise ValueError(f"--image-size {size}: the synthetic world renders 32 or 64 px")
-    if opts.num_test_per_class < 1:
-        raise ValueError(f"--num-test-per-class must be >= 1, got {opts.num_test_per_class}")
     class_ids = select_classes(opts.classes)
     counts = scale_counts(frequency_profile(opts.profile, class_ids), opts.num_train)
     # open-world concepts: other ImageNet classes, counted like the evaluated ones (same profile, same scale)
@@ -2046,11 +2044,7 @@ def run_cli(main):
         close_distributed()
 
 if __name__ == "__main__":
-    try:
-        if len(sys.argv) >= 2 and sys.argv[1] == "count-freq":
-            count_freq_main(sys.argv[2:])
-        else:
-            sys.exit("usage: python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if len(sys.argv) >= 2 and sys.argv[1] == "count-freq":
+        run_cli(lambda: count_freq_main(sys.argv[2:]))
+    else:
+        sys.exit("usage: python data.py count-freq FILE --classes in100|in1k [--negatives paper|none|JSON] [--out F]")

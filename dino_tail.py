@@ -632,6 +632,17 @@ def novel_probe_classes(data_seed, count):
     return sorted(np.random.default_rng([data_seed, 7]).choice(1000, count, replace=False).tolist())
 
 
+def novel_classes_left(args, pretrain):
+    """The ImageNet classes of the 'novel' probe: its draw less those pre-training saw (its labelled classes
+    and its open-world concepts). Fewer than two is an error."""
+    seen = set(pretrain.imagenet_ids) | set(pretrain.open_world_ids)
+    left = [c for c in novel_probe_classes(args.data_seed, args.probe_classes) if c not in seen]
+    if len(left) < 2:
+        raise ValueError(f"--probe-classes {args.probe_classes} leaves {len(left)} classes outside pre-training "
+                         "for the 'novel' probe: draw more, or pre-train on fewer --classes")
+    return left
+
+
 def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform):
     """Tasks from the synthetic world: 'seen' = the pre-training classes on a balanced, freshly rendered set;
     'novel' = ImageNet classes the pre-training never saw, drawn by the data seed (same rendering rules)."""
@@ -650,10 +661,8 @@ def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform
     x_train, y_train = extract_features(backbone, world.train, dist, args.workers)
     x_test, y_test = extract_features(backbone, world.test, dist, args.workers)
     keep = np.arange(len(world.classnames))
-    if name == "novel":  # drop the classes pre-training saw: its labelled ones and its open-world concepts
-        keep = np.flatnonzero(~np.isin(world.imagenet_ids, [*pretrain.imagenet_ids, *pretrain.open_world_ids]))
-        if len(keep) < 2:
-            raise ValueError(f"--probe-classes {args.probe_classes} leaves {len(keep)} classes outside pre-training")
+    if name == "novel":  # (the world renders the whole draw; the probe keeps the classes pre-training never saw)
+        keep = np.flatnonzero(np.isin(world.imagenet_ids, novel_classes_left(args, pretrain)))
     remap = torch.full((len(world.classnames),), -1, dtype=torch.long)
     remap[torch.as_tensor(keep)] = torch.arange(len(keep))
     y_train, y_test = remap[y_train.cpu()], remap[y_test.cpu()]
@@ -863,12 +872,8 @@ def main(argv=None):
                                     args.local_size, args.crop_interpolation)
     eval_transform = probe_transform(args)
     longtail = data.load_data(args, train_transform=multi_crop, test_transform=eval_transform, need_test=False)
-    if "novel" in tasks:  # checked now, not after pre-training
-        novel = set(novel_probe_classes(args.data_seed, args.probe_classes))
-        left = novel - set(longtail.imagenet_ids) - set(longtail.open_world_ids)
-        if len(left) < 2:
-            raise ValueError(f"--probe-classes {args.probe_classes} leaves {len(left)} classes outside pre-training "
-                             "for the 'novel' probe: draw more, or pre-train on fewer --classes")
+    if "novel" in tasks:
+        novel_classes_left(args, longtail)  # checked now, not after pre-training
     train_set = longtail.train  # self-supervised: every image, open-world ones included; labels unused
     run_dir = data.RunDir(args.out, args, dist, resume=args.resume)
 

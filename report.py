@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import re
-import sys
 
 import matplotlib
 
@@ -905,8 +904,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.runs):
-        print(f"report.py: error: runs folder not found: {args.runs}", file=sys.stderr)
-        sys.exit(2)
+        raise FileNotFoundError(f"runs folder not found: {args.runs}")
     claims = write_report(args.runs, args.out, args.note, args.machine)
     counts = {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
     print(f"wrote {os.path.join(args.out, 'REPORT.md')} and {len(FIGURES)} figures: "
@@ -914,4 +912,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)
