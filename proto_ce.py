@@ -80,10 +80,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _value_errors(fn):
     """Raise the kernels' own input errors as the ValueError the public functions document.
 
-    The C++ checks use TORCH_CHECK (RuntimeError), not TORCH_CHECK_VALUE: on torch 2.11 a c10::ValueError
-    thrown from an extension crashed the process (segmentation fault, seen on an H100 and an H200 on
-    2026-11-26, also in a five-line extension), while c10::Error raised normally. Under torch.compile the
-    errors stay RuntimeError (the wrapper steps aside, so tracing sees no try block).
+    The C++ checks raise RuntimeError (TORCH_CHECK, with messages built without streams: see message_part in
+    csrc/proto_ce.h for the crash that avoids). Under torch.compile the errors stay RuntimeError (the wrapper
+    steps aside, so tracing sees no try block).
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

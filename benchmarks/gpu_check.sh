@@ -25,8 +25,8 @@ step() {  # step NAME COMMAND...: run, tee to LOG_DIR/NAME.log, record the outco
 
 step env bash -c 'nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nvcc --version | tail -1'
 step build python3 -c "import time, proto_ce; t = time.time(); print(proto_ce.backend('cuda'), proto_ce.backend('cpu'))"
-# The bad-input tests first and on their own: the last GPU run crashed in one (a segmentation fault, since
-# fixed but not yet run on a GPU), and a crash there must not hide the other tests' results.
+# The bad-input tests first and on their own: GPU runs on 2026-11-26 crashed in one (a segmentation fault
+# while formatting an error message; csrc/proto_ce.h message_part), and a crash must not hide the others.
 cuda_tests="tests/test_proto_ce.py tests/test_dino_op.py tests/test_metrics.py"
 step tests_bad_input python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests -k bad_input
 step tests python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests -k "not bad_input"

@@ -73,8 +73,8 @@ int64_t num_pairs(int64_t n_crops, int64_t n_global) {
 // that the op stays traceable by torch.compile (no data-dependent Python branches). On a GPU one small
 // device-to-host copy decides whether the detailed scan (which names the offending entry) is needed.
 void check_idx(const at::Tensor& idx, int64_t K) {
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
-              "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
+  PROTO_CE_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
+                 "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
   const int64_t V = idx.numel();
   TORCH_CHECK(V > 0, "proto_ce: idx is empty (V == 0); sample at least one prototype");
   at::Tensor host = idx;

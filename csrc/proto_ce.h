@@ -10,7 +10,48 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <type_traits>
+
+namespace proto_ce {
+
+// Error messages with numbers, dtypes or devices in them are assembled here, never by TORCH_CHECK's own
+// formatting (a std::ostringstream): on the GPU machine's torch 2.11 (H100, 2026-11-26) writing an integer
+// into a std::ostream from this extension crashed the process (segmentation fault in
+// basic_ostream::_M_insert<long>, seen with cuda-gdb), while a TORCH_CHECK whose message is one string raised
+// normally. std::to_string, snprintf and Device::str() use no stream.
+template <typename T>
+std::string message_part(const T& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return value ? "true" : "false";
+  } else if constexpr (std::is_integral_v<T>) {
+    return std::to_string(value);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char text[32];
+    std::snprintf(text, sizeof(text), "%g", static_cast<double>(value));
+    return text;
+  } else if constexpr (std::is_same_v<T, c10::Device>) {
+    return value.str();
+  } else if constexpr (std::is_same_v<T, at::ScalarType>) {
+    return c10::toString(value);
+  } else {
+    return std::string(value);  // string literals and std::string
+  }
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  return (std::string() + ... + message_part(parts));
+}
+
+}  // namespace proto_ce
+
+// TORCH_CHECK with a message of several parts (see message_part), built only on failure. It reaches
+// TORCH_CHECK as one C string, which c10 passes on as it is (a std::string would go through a stream); the
+// temporary lives until the error has copied it.
+#define PROTO_CE_CHECK(cond, ...) TORCH_CHECK(cond, ::proto_ce::message(__VA_ARGS__).c_str())
 
 namespace proto_ce {
 
@@ -65,21 +106,21 @@ inline void check_sorted_unique_ids(const at::Tensor& host_ids, int64_t K, const
   const at::Tensor ids = host_ids.contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < ids.numel(); ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < K, "proto_ce: idx contains ", kind, " id ", id[i], " outside [0, ", K, ") (",
-                rows_owner, " ", K, " rows)");
+    PROTO_CE_CHECK(id[i] >= 0 && id[i] < K, "proto_ce: idx contains ", kind, " id ", id[i], " outside [0, ", K, ") (",
+                   rows_owner, " ", K, " rows)");
     if (i > 0) {
-      TORCH_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate ", kind, " id ", id[i],
-                  " (idx must be sorted and unique)");
-      TORCH_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1], " > idx[", i,
-                  "]=", id[i], "); use torch.sort or torch.unique");
+      PROTO_CE_CHECK(id[i] != id[i - 1], "proto_ce: idx contains duplicate ", kind, " id ", id[i],
+                     " (idx must be sorted and unique)");
+      PROTO_CE_CHECK(id[i] > id[i - 1], "proto_ce: idx is not sorted (idx[", i - 1, "]=", id[i - 1], " > idx[", i,
+                     "]=", id[i], "); use torch.sort or torch.unique");
     }
   }
 }
 
 // Raises the error of a label that is not among the sampled classes (labels[b] == label).
 inline void fail_label_not_in_idx(int64_t label, int64_t b) {
-  TORCH_CHECK(false, "proto_ce: labels contain class id ", label, " (labels[", b,
-              "]) which is not in idx; every label must be a sampled class");
+  PROTO_CE_CHECK(false, "proto_ce: labels contain class id ", label, " (labels[", b,
+                 "]) which is not in idx; every label must be a sampled class");
 }
 
 // The dense [K, D] gradient of the prototypes w (in w's dtype): zero, except row idx[v] = rows[v] for the
@@ -92,17 +133,15 @@ inline at::Tensor dense_prototype_grad(const at::Tensor& rows, const at::Tensor&
 
 // Argument checks of the kernels. proto_ce.py validates user input first with friendlier messages; these
 // guard direct torch.ops.proto_ce calls. They raise RuntimeError (TORCH_CHECK), which proto_ce.py's public
-// functions turn into ValueError: TORCH_CHECK_VALUE's c10::ValueError, thrown from an extension, crashed
-// the process on torch 2.11 (segmentation fault, seen on an H100 and an H200 on 2026-11-26, also in a
-// five-line extension), while c10::Error raised normally.
+// functions turn into ValueError.
 inline void check_label_args(const at::Tensor& idx, const at::Tensor& labels) {
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
-              "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "proto_ce: labels must be a 1-d int64 tensor, got ",
-              labels.dim(), "-d ", labels.scalar_type());
+  PROTO_CE_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
+                 "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
+  PROTO_CE_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
+                 "proto_ce: labels must be a 1-d int64 tensor, got ", labels.dim(), "-d ", labels.scalar_type());
   TORCH_CHECK(idx.numel() > 0, "proto_ce: idx is empty (V == 0); sample at least one prototype");
-  TORCH_CHECK(idx.device() == labels.device(), "proto_ce: idx is on ", idx.device(), " but labels on ",
-              labels.device());
+  PROTO_CE_CHECK(idx.device() == labels.device(), "proto_ce: idx is on ", idx.device(), " but labels on ",
+                 labels.device());
 }
 
 inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx,
@@ -117,17 +156,17 @@ inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at
               "proto_ce: target_pos must be a 1-d int64 tensor with one entry per row of x (B > 0)");
   TORCH_CHECK(scale.dim() == 0, "proto_ce: scale must be a 0-d tensor");
   for (const at::Tensor* t : {&w, &idx, &target_pos, &scale}) {
-    TORCH_CHECK(t->device() == x.device(), "proto_ce: all inputs must be on one device (x is on ",
-                x.device(), ", another input on ", t->device(), ")");
+    PROTO_CE_CHECK(t->device() == x.device(), "proto_ce: all inputs must be on one device (x is on ",
+                   x.device(), ", another input on ", t->device(), ")");
   }
 }
 
 // xent_backward's per-row inputs: one upstream gradient and one saved log-sum-exp per row of x.
 inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
   for (const at::Tensor* t : {&grad_loss, &lse}) {
-    TORCH_CHECK(t->dim() == 1 && t->numel() == x.size(0) && t->device() == x.device(),
-                "proto_ce: grad_loss and lse must be 1-d with one entry per row of x (B = ", x.size(0),
-                "), on x's device");
+    PROTO_CE_CHECK(t->dim() == 1 && t->numel() == x.size(0) && t->device() == x.device(),
+                   "proto_ce: grad_loss and lse must be 1-d with one entry per row of x (B = ", x.size(0),
+                   "), on x's device");
   }
 }
 

@@ -55,8 +55,8 @@ void check_target_positions(const at::Tensor& target_pos, int64_t V) {
   const at::Tensor tpos = target_pos.contiguous();
   const int64_t* t = tpos.data_ptr<int64_t>();
   for (int64_t b = 0; b < tpos.numel(); ++b) {
-    TORCH_CHECK(t[b] >= 0 && t[b] < V, "proto_ce: target_pos[", b, "]=", t[b], " is outside [0, ", V,
-                ") (V = idx.numel())");
+    PROTO_CE_CHECK(t[b] >= 0 && t[b] < V, "proto_ce: target_pos[", b, "]=", t[b], " is outside [0, ", V,
+                   ") (V = idx.numel())");
   }
 }
 

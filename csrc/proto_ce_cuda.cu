@@ -179,7 +179,7 @@ at::Tensor label_positions_cuda(const at::Tensor& idx_in, const at::Tensor& labe
   const uint64_t* e = reinterpret_cast<const uint64_t*>(err_host.data_ptr<int64_t>());
   if (e[0] != kNone || e[1] != kNone || e[2] != kNone) {  // the host scan names the first offending entry
     check_sorted_unique_ids(idx.cpu(), num_classes, "class", "w has");
-    TORCH_CHECK(false, "proto_ce: idx is not sorted, unique and within [0, ", num_classes, ")");  // (unreachable)
+    PROTO_CE_CHECK(false, "proto_ce: idx is not sorted, unique and within [0, ", num_classes, ")");  // (unreachable)
   }
   if (e[3] != kNone) {
     const int64_t b = static_cast<int64_t>(e[3]);

@@ -252,6 +252,18 @@ def test_bad_input_one_line_value_error(case, fn):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["idx unsorted", "idx duplicate", "idx negative", "idx too large", "tau_s zero",
+                                  "teacher rows vs n_global"])
+def test_cuda_bad_input(case):
+    """The CUDA kernels' own checks (the idx scan runs in the op, not in Python) raise the same errors."""
+    change, message = BAD_INPUTS[case]
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _bad(**change).items()}
+    with pytest.raises(ValueError) as err:
+        proto_ce.dino_proto_loss(**args)
+    assert message in str(err.value), str(err.value)
+
+
 def test_device_mismatch_is_rejected():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device to mismatch with")

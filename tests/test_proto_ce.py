@@ -7,6 +7,7 @@ a GPU is visible; they need the CUDA kernels compiled (nvcc present) and fail lo
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -412,6 +413,28 @@ def test_bad_reduction():
 
 
 @needs_extension_cpu
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_extension_error_messages_use_no_stream():
+    """The extension's own checks (proto_ce::check_* / fail_*) never format into a std::ostream: on the GPU
+    machine's torch 2.11 an integer written into one from the extension crashed the process (csrc/proto_ce.h,
+    message_part). Reads their calls in the disassembly. (Inline error paths of torch's own headers, such as
+    CUDAGuard's device-type check, still use streams; they guard internal misuse the ops never reach.)"""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", proto_ce._LOADED.where],
+                             capture_output=True, text=True, check=True).stdout
+    function, streaming, own = None, set(), set()
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif function and re.match(r"proto_ce::(\(anonymous namespace\)::|dino::)*(check_|fail_)", function):
+            own.add(function)
+            if re.search(r"call.*(ostringstream|ostream_insert|ostream::_M_insert|ostream::operator<<)", line):
+                streaming.add(function.split("(")[0])
+    assert any("check_sorted_unique_ids" in f for f in own), "the checks were not found in the disassembly"
+    assert not streaming, f"these format error messages with a stream: {sorted(streaming)}"
+
+
+@needs_extension_cpu
 def test_kernel_validation_messages():
     """The C++ op itself (direct torch.ops call) rejects bad idx / labels with the same messages, as a
     RuntimeError (proto_cross_entropy turns them into ValueError; see proto_ce._value_errors)."""
@@ -490,7 +513,6 @@ def test_import_without_gpu_does_not_log_cuda_runtime_message(tmp_path):
 def test_fallback_with_warning_when_compiling_fails(tmp_path):
     """A checkout whose csrc/ differs from any prebuilt, with a compiler that always fails: the module
     ignores the stale prebuilt, cannot compile, warns once, and runs the reference."""
-    import shutil
     shutil.copy(os.path.join(REPO, "proto_ce.py"), tmp_path / "proto_ce.py")
     shutil.copytree(os.path.join(REPO, "csrc"), tmp_path / "csrc")
     with open(tmp_path / "csrc" / "ops.cpp", "a") as f:
@@ -615,6 +637,22 @@ def test_cuda_bad_input(case_id, make_bad, message):
     with pytest.raises(ValueError) as info:
         proto_cross_entropy(**bad)
     assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.cuda
+def test_cuda_label_positions_direct_call_errors():
+    """torch.ops.proto_ce.label_positions on CUDA finds bad idx / labels on the device and raises (RuntimeError,
+    the CPU op's messages) from host code; an nvcc-compiled throw crashed torch 2.11 (csrc/cuda_entry.cpp)."""
+    idx = torch.tensor([1, 4, 9], device="cuda")
+    cases = [(torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted (idx[0]=4 > idx[1]=1)"),
+             (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
+             (torch.tensor([1, 4, 12]), torch.tensor([4]), "class id 12 outside [0, 10)"),
+             (idx, torch.tensor([4, 5]), "class id 5 (labels[1]) which is not in idx")]
+    for bad_idx, labels, message in cases:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.proto_ce.label_positions(bad_idx.cuda(), labels.cuda(), 10)
+    got = torch.ops.proto_ce.label_positions(idx, torch.tensor([9, 1, 4], device="cuda"), 10)
+    assert torch.equal(got.cpu(), torch.tensor([2, 0, 1]))
 
 
 @pytest.mark.cuda
