@@ -505,7 +505,7 @@ def main(argv=None):
     seed_everything(args.seed)  # same initial weights on every rank
     model, quick_gelu = build_model(args, dist.device)
     data = load_data(args)
-    run = RunDir(args.out, args, dist, resume=args.resume)  # its folder once the inputs are known to be good
+    run = RunDir(args.out, args, dist, resume=args.resume, data=data)  # its folder once the inputs are known to be good
     tokenizer = open_clip.get_tokenizer(args.model)
     optimizer = adamw(model, args)
     steps_per_epoch = len(data.train) // args.batch_size

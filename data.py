@@ -1957,15 +1957,43 @@ def check_run_folder(out, resume):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
+def data_identity(longtail):
+    """What a run trains on: its classes and a digest of its training labels (saved in checkpoints). The flags
+    alone do not pin it down: a code change (such as the rand<K> draw's) or a changed data folder gives other
+    classes or images under the same flags."""
+    labels = np.ascontiguousarray(longtail.train.labels, dtype=np.int64)
+    return {"classnames": [str(c) for c in longtail.classnames],
+            "imagenet_ids": [int(i) for i in longtail.imagenet_ids],
+            "num_train": int(labels.shape[0]), "train_labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest()}
+
+
+def data_difference(saved, now):
+    """How the data `now` differ from `saved` (two data_identity dicts), in words; None when they match."""
+    if saved["classnames"] != now["classnames"] or saved["imagenet_ids"] != now["imagenet_ids"]:
+        if len(saved["classnames"]) != len(now["classnames"]):
+            return f"other classes ({len(now['classnames'])} now, {len(saved['classnames'])} then)"
+        pairs = zip(now["classnames"], saved["classnames"], now["imagenet_ids"], saved["imagenet_ids"])
+        i, (name, saved_name, _, _) = next((i, p) for i, p in enumerate(pairs) if p[0] != p[1] or p[2] != p[3])
+        if name != saved_name:
+            return f"other classes (class {i} is {name!r} now, {saved_name!r} then)"
+        return f"other classes (class {i}, {name!r}, has ImageNet id {now['imagenet_ids'][i]} now, " \
+               f"{saved['imagenet_ids'][i]} then)"
+    if saved["num_train"] != now["num_train"] or saved["train_labels_sha1"] != now["train_labels_sha1"]:
+        return f"another training set ({now['num_train']} images now, {saved['num_train']} then)"
+    return None
+
+
 class RunDir:
     """runs/<name>/: args.json, log.jsonl (one line per epoch), checkpoint.pt; rank 0 writes.
 
     A directory that already holds a checkpoint is only reused with --resume, so a typo in --out never
-    overwrites a finished run.
+    overwrites a finished run. Given the run's data, checkpoints record data_identity(data) and a resume on
+    other data is refused.
     """
 
-    def __init__(self, out, args, dist, resume=False):
+    def __init__(self, out, args, dist, resume=False, data=None):
         self.out, self.dist = out, dist
+        self.identity = None if data is None else data_identity(data)
         self.checkpoint = os.path.join(out, "checkpoint.pt")
         self.log_path = os.path.join(out, "log.jsonl")
         check_run_folder(out, resume)
@@ -1984,6 +2012,11 @@ class RunDir:
                 print(f"--resume: no checkpoint in {self.out}; starting a new run", file=sys.stderr)
             return None
         state = load_checkpoint(self.checkpoint, map_location)
+        saved = state.get("data") if isinstance(state, dict) else None
+        difference = data_difference(saved, self.identity) if saved and self.identity else None
+        if difference:
+            raise ValueError(f"cannot resume {self.out}: its checkpoint was trained on {difference}; resume with "
+                             "the data flags and folders it started with, or choose another --out")
         if self.dist.is_main and os.path.exists(self.log_path):
             with open(self.log_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < state["epoch"]]
@@ -1992,7 +2025,7 @@ class RunDir:
 
     def save(self, state):
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint, state)
+            save_checkpoint(self.checkpoint, state if self.identity is None else {**state, "data": self.identity})
         if self.dist.world_size > 1:
             torch.distributed.barrier()
 

@@ -875,7 +875,7 @@ def main(argv=None):
     if "novel" in tasks:
         novel_classes_left(args, longtail)  # checked now, not after pre-training
     train_set = longtail.train  # self-supervised: every image, open-world ones included; labels unused
-    run_dir = data.RunDir(args.out, args, dist, resume=args.resume)
+    run_dir = data.RunDir(args.out, args, dist, resume=args.resume, data=longtail)
 
     data.seed_everything(args.seed)
     raw_model = data.sync_batchnorm(build_model(args), dist).to(dist.device)

@@ -314,7 +314,7 @@ def main(argv=None):
         if head.shape[0] != num_classes:
             raise ValueError(f"head {args.head_file} has {head.shape[0]} classes, the data has {num_classes}")
     image_size = longtail.test[0][0].shape[-1]
-    run_dir = data.RunDir(args.out, args, dist, resume=args.resume)
+    run_dir = data.RunDir(args.out, args, dist, resume=args.resume, data=longtail)
 
     data.seed_everything(args.seed)
     model = build_model(args, num_classes, image_size, head)

@@ -5,10 +5,12 @@ plain PyTorch) on the same global batch.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -133,6 +135,35 @@ def test_rundir_refuses_to_overwrite_and_trims_log_on_resume(tmp_path):
     assert state["epoch"] == 2 and state["weights"].tolist() == [0, 1, 2]
     epochs = [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))]
     assert epochs == [0, 1]
+
+
+class _Data:
+    def __init__(self, classnames, labels):
+        self.classnames, self.imagenet_ids = classnames, list(range(len(classnames)))
+        self.train = _Args(labels=np.asarray(labels))
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    start = _Data(["cat", "dog", "fox"], [0, 1, 2, 2])
+    data.RunDir(out, _Args(lr=0.1), data.Dist(), data=start).save({"epoch": 1})
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["data"]["classnames"] == \
+        ["cat", "dog", "fox"]
+    same = data.RunDir(out, _Args(lr=0.1), data.Dist(), resume=True, data=_Data(["cat", "dog", "fox"], [0, 1, 2, 2]))
+    assert same.resume_state()["epoch"] == 1
+    moved = _Data(["cat", "dog", "fox"], [0, 1, 2, 2])
+    moved.imagenet_ids = [0, 1, 7]
+    cases = [(_Data(["cat", "owl", "fox"], [0, 1, 2, 2]), "other classes (class 1 is 'owl' now, 'dog' then)"),
+             (_Data(["cat", "dog"], [0, 1, 1, 1]), "other classes (2 now, 3 then)"),
+             (moved, "other classes (class 2, 'fox', has ImageNet id 7 now, 2 then)"),
+             (_Data(["cat", "dog", "fox"], [0, 1, 2]), "another training set (3 images now, 4 then)"),
+             (_Data(["cat", "dog", "fox"], [0, 1, 1, 2]), "another training set (4 images now, 4 then)")]
+    for other, message in cases:
+        with pytest.raises(ValueError, match=re.escape(f"cannot resume {out}: its checkpoint was trained on {message}")):
+            data.RunDir(out, _Args(lr=0.1), data.Dist(), resume=True, data=other).resume_state()
+    # a checkpoint written before data identities were saved resumes as before
+    data.save_checkpoint(os.path.join(out, "checkpoint.pt"), {"epoch": 2})
+    assert data.RunDir(out, _Args(lr=0.1), data.Dist(), resume=True, data=cases[0][0]).resume_state()["epoch"] == 2
 
 
 def test_resume_names_flags_that_changed(tmp_path, capsys):

@@ -462,6 +462,18 @@ def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path, cache_dir
         [{k: v for k, v in r.items() if k != "time"} for r in _log(reference_run)]
 
 
+def test_resume_on_other_data_is_refused(tmp_path, cache_dir):
+    """The checkpoint records the run's classes and training labels: --resume with flags that give other
+    data (here another --num-train) stops before training, naming the difference."""
+    out = str(tmp_path / "run")
+    sl_tail.main([*TINY, "--epochs", "1", "--out", out, "--cache-dir", cache_dir])
+    with pytest.raises(ValueError, match=re.escape("its checkpoint was trained on another training set (500 "
+                                                   "images now, 600 then)")):
+        sl_tail.main([*TINY, "--epochs", "2", "--num-train", "500", "--out", out, "--cache-dir", cache_dir,
+                      "--resume"])
+    assert len(_log(out)) == 1
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, cache_dir, monkeypatch):
     calls = {"n": 0}
     real = sl_tail.vocabulary_loss
