@@ -6,10 +6,17 @@
 #
 #   bash benchmarks/gpu_check.sh [LOG_DIR]        # logs (and a summary) go to LOG_DIR, default gpu-logs/
 #
-# Needs torch with CUDA, nvcc, ninja, pytest; open_clip (and ftfy) only for the script smoke runs.
+# Needs torch with CUDA, nvcc, ninja, pytest; open_clip (and ftfy) only for the script smoke runs: on a
+# machine without them and without internet, put their wheels in .whl/ (pip download --no-deps
+# open_clip_torch ftfy wcwidth -d .whl) and this script installs them into /tmp/site. If the bad-input tests
+# crash, a native backtrace of the first crashing case goes to LOG_DIR/gdb_backtrace.log (needs cuda-gdb).
 set -u
 log_dir="${1:-gpu-logs}"
 mkdir -p "$log_dir"
+if ! python3 -c "import open_clip" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONUNBUFFERED=1 PROTO_CE_BACKEND=extension MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 status=0
@@ -29,6 +36,11 @@ step build python3 -c "import time, proto_ce; t = time.time(); print(proto_ce.ba
 # while formatting an error message; csrc/proto_ce.h message_part), and a crash must not hide the others.
 cuda_tests="tests/test_proto_ce.py tests/test_dino_op.py tests/test_metrics.py"
 step tests_bad_input python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests -k bad_input
+if ! grep -q "tests_bad_input: exit 0" "$log_dir/summary.txt" && command -v cuda-gdb >/dev/null; then
+    timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -x -m cuda -p no:cacheprovider \
+        $cuda_tests -k bad_input 2>&1 | grep -v "^\[New Thread\|^\[Thread\|^\[Detaching" \
+        > "$log_dir/gdb_backtrace.log"
+fi
 step tests python3 -m pytest -q -m cuda -p no:cacheprovider $cuda_tests -k "not bad_input"
 # The scripts' AMP runs before the benchmarks: they check correctness, the benchmarks only speed.
 if python3 -c "import open_clip" 2>/dev/null; then
