@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 
 # On a shared CPU, OpenMP threads that spin while they wait starve every other process and themselves
@@ -505,12 +506,15 @@ def main(argv=None):
     seed_everything(args.seed)  # same initial weights on every rank
     model, quick_gelu = build_model(args, dist.device)
     data = load_data(args)
-    run = RunDir(args.out, args, dist, resume=args.resume, data=data)  # its folder once the inputs are known to be good
-    tokenizer = open_clip.get_tokenizer(args.model)
-    optimizer = adamw(model, args)
     steps_per_epoch = len(data.train) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training samples")
+    if args.warmup >= args.epochs * steps_per_epoch and dist.is_main:
+        print(f"warning: --warmup {args.warmup} is not shorter than the run's {args.epochs * steps_per_epoch} "
+              "steps: the learning rate never reaches --lr", file=sys.stderr)
+    run = RunDir(args.out, args, dist, resume=args.resume, data=data)  # its folder once the inputs are known to be good
+    tokenizer = open_clip.get_tokenizer(args.model)
+    optimizer = adamw(model, args)
     scheduler = cosine_schedule(optimizer, args.warmup, args.epochs * steps_per_epoch)
     start_epoch, batch_classes = 0, []
     state = run.resume_state() if args.resume else None

@@ -491,6 +491,8 @@ def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys
     (["--image-size", "7"], ["--image-size must be >= 32"]),
     (["--export-head", "README.md/head.pt"], ["README.md is a file, not a folder"]),
     (["--freq-table", "tests/conftest.py.txt"], ["frequency table not found"]),
+    (["--num-train", "300", "--image-size", "32", "--batch-size", "400"],
+     ["--batch-size 400 is larger than the 300 training samples"]),
 ])
 def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
     code, err = run_in_process(["--model", "RN-micro", *flags, "--out", str(tmp_path / "x")], monkeypatch, capsys)
@@ -498,6 +500,22 @@ def test_bad_input_is_one_line(flags, words, tmp_path, monkeypatch, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clip_tail.py: error:") and all(w in lines[0] for w in words), err
     assert not (tmp_path / "x").exists()  # no run folder is left behind
+
+
+def test_warmup_as_long_as_the_run_is_warned_about(tmp_path, monkeypatch, capsys):
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(clip_tail, "cosine_schedule", stop)  # stop before training: the warning comes first
+    flags = tiny_flags(tmp_path / "cache") + ["--epochs", "1", "--warmup", "10", "--out", str(tmp_path / "x")]
+    with pytest.raises(Stop):
+        clip_tail.main(flags)  # 640 images in batches of 64: 10 steps
+    assert "warning: --warmup 10 is not shorter than the run's 10 steps" in capsys.readouterr().err
+    with pytest.raises(Stop):
+        clip_tail.main(flags[:-4] + ["--epochs", "2", "--warmup", "10", "--out", str(tmp_path / "y")])
+    assert "--warmup" not in capsys.readouterr().err
 
 
 def test_freq_tables_of_the_evaluated_classes_are_accepted_up_front(tmp_path):
