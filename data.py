@@ -1958,28 +1958,52 @@ def check_run_folder(out, resume):
 
 
 def data_identity(longtail):
-    """What a run trains on: its classes and a digest of its training labels (saved in checkpoints). The flags
-    alone do not pin it down: a code change (such as the rand<K> draw's) or a changed data folder gives other
-    classes or images under the same flags."""
-    labels = np.ascontiguousarray(longtail.train.labels, dtype=np.int64)
+    """What a run trains on: its classes and a digest of its training samples (saved in checkpoints). The
+    flags alone do not pin it down: a code change (such as the rand<K> draw's) or a changed data folder gives
+    other classes or images under the same flags."""
+    digest = hashlib.sha1()
+    _digest_samples(longtail.train, digest)
     return {"classnames": [str(c) for c in longtail.classnames],
             "imagenet_ids": [int(i) for i in longtail.imagenet_ids],
-            "num_train": int(labels.shape[0]), "train_labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest()}
+            "num_train": int(len(longtail.train.labels)), "train_sha1": digest.hexdigest()}
+
+
+def _digest_samples(train, digest):
+    """Feeds what identifies each training sample into `digest`: its label and its source (a subset's
+    indices, an image file's class folder and name, a synthetic sample's concept and attributes, an array's
+    pixels), and the seed its captions and augmentations are drawn from."""
+    if isinstance(train, SubsetTrainSet):
+        digest.update(np.ascontiguousarray(train.indices, dtype=np.int64).tobytes())
+        _digest_samples(train.base, digest)
+        return
+    digest.update(np.ascontiguousarray(train.labels, dtype=np.int64).tobytes())
+    digest.update(f"seed {getattr(train, 'seed', None)}".encode())
+    if isinstance(train, FileTrainSet):  # class folder / file name: the same files under a moved root match
+        digest.update("\n".join(os.path.join(*os.path.normpath(p).split(os.sep)[-2:]) for p in train.paths).encode())
+    elif isinstance(train, SyntheticTrainSet):
+        for array in (train.concepts, train.attrs, train.clutter):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    elif isinstance(train, ArrayTrainSet):
+        digest.update(np.ascontiguousarray(train.array).tobytes())
 
 
 def data_difference(saved, now):
     """How the data `now` differ from `saved` (two data_identity dicts), in words; None when they match."""
-    if saved["classnames"] != now["classnames"] or saved["imagenet_ids"] != now["imagenet_ids"]:
-        if len(saved["classnames"]) != len(now["classnames"]):
-            return f"other classes ({len(now['classnames'])} now, {len(saved['classnames'])} then)"
-        pairs = zip(now["classnames"], saved["classnames"], now["imagenet_ids"], saved["imagenet_ids"])
+    if saved.get("classnames") != now["classnames"] or saved.get("imagenet_ids") != now["imagenet_ids"]:
+        saved_names = saved.get("classnames", [])
+        if len(saved_names) != len(now["classnames"]):
+            return f"other classes ({len(now['classnames'])} now, {len(saved_names)} then)"
+        pairs = zip(now["classnames"], saved_names, now["imagenet_ids"], saved.get("imagenet_ids", []))
         i, (name, saved_name, _, _) = next((i, p) for i, p in enumerate(pairs) if p[0] != p[1] or p[2] != p[3])
         if name != saved_name:
             return f"other classes (class {i} is {name!r} now, {saved_name!r} then)"
         return f"other classes (class {i}, {name!r}, has ImageNet id {now['imagenet_ids'][i]} now, " \
                f"{saved['imagenet_ids'][i]} then)"
-    if saved["num_train"] != now["num_train"] or saved["train_labels_sha1"] != now["train_labels_sha1"]:
-        return f"another training set ({now['num_train']} images now, {saved['num_train']} then)"
+    if saved.get("num_train") != now["num_train"]:
+        return f"another training set ({now['num_train']} images now, {saved.get('num_train')} then)"
+    if saved.get("train_sha1") != now["train_sha1"]:
+        return (f"another training set (as many images, {now['num_train']}, but other samples, labels or data "
+                "seed)")
     return None
 
 
@@ -1997,13 +2021,16 @@ class RunDir:
         self.checkpoint = os.path.join(out, "checkpoint.pt")
         self.log_path = os.path.join(out, "log.jsonl")
         check_run_folder(out, resume)
+        self.args_path, self.args = os.path.join(out, "args.json"), dict(vars(args))
+        # a run to resume keeps its args.json until resume_state has checked that the data match
+        self.args_pending = bool(resume and os.path.exists(self.checkpoint))
         if dist.is_main:
             os.makedirs(out, exist_ok=True)
-            args_path = os.path.join(out, "args.json")
-            if resume and os.path.exists(self.checkpoint) and os.path.exists(args_path):
-                with open(args_path) as f:
-                    warn_changed_flags(json.load(f), args, args_path)
-            write_json(args_path, vars(args))
+            if self.args_pending and os.path.exists(self.args_path):
+                with open(self.args_path) as f:
+                    warn_changed_flags(json.load(f), args, self.args_path)
+            if not self.args_pending:
+                write_json(self.args_path, self.args)
 
     def resume_state(self, map_location="cpu"):
         """The saved state if there is one (else None); log lines past the saved epoch are dropped."""
@@ -2017,6 +2044,9 @@ class RunDir:
         if difference:
             raise ValueError(f"cannot resume {self.out}: its checkpoint was trained on {difference}; resume with "
                              "the data flags and folders it started with, or choose another --out")
+        if self.dist.is_main and self.args_pending:
+            write_json(self.args_path, self.args)
+            self.args_pending = False
         if self.dist.is_main and os.path.exists(self.log_path):
             with open(self.log_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < state["epoch"]]

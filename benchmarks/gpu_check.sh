@@ -13,6 +13,7 @@
 set -u
 log_dir="${1:-gpu-logs}"
 mkdir -p "$log_dir"
+: > "$log_dir/summary.txt"  # this run's outcomes only (the bad-input check below reads it)
 if ! python3 -c "import open_clip" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -99,6 +99,8 @@ void check_args(const at::Tensor& S, const at::Tensor& T, const at::Tensor& Ws, 
   TORCH_CHECK(S.scalar_type() == T.scalar_type() && S.scalar_type() == Ws.scalar_type() &&
                   S.scalar_type() == Wt.scalar_type() && S.scalar_type() == center.scalar_type(),
               "proto_ce.dino: student, teacher, prototypes and center must share one dtype");
+  TORCH_CHECK(at::isFloatingType(S.scalar_type()),
+              "proto_ce.dino: student, teacher, prototypes and center must be float16/bfloat16/float32/float64");
   TORCH_CHECK(center.dim() == 1 && center.size(0) == Ws.size(0), "proto_ce.dino: center must be [K]");
   TORCH_CHECK(n_global >= 1 && T.size(0) > 0 && T.size(0) % n_global == 0,
               "proto_ce.dino: teacher rows must be n_global*B with B > 0");

@@ -48,9 +48,14 @@ std::string message(const Parts&... parts) {
 
 }  // namespace proto_ce
 
+// The argument checks below are kept out of line (not inlined into the kernels), so that a test can find
+// them in the built library and confirm that they call no stream (tests/test_proto_ce.py).
+#define PROTO_CE_CHECKER inline __attribute__((noinline))
+
 // TORCH_CHECK with a message of several parts (see message_part), built only on failure. It reaches
-// TORCH_CHECK as one C string, which c10 passes on as it is (a std::string would go through a stream); the
-// temporary lives until the error has copied it.
+// TORCH_CHECK as one C string, which c10 passes on as it is (a std::string temporary, seen by c10::str as a
+// const std::string&, misses its pass-through and is copied through a stream); the temporary lives until
+// the error has copied it.
 #define PROTO_CE_CHECK(cond, ...) TORCH_CHECK(cond, ::proto_ce::message(__VA_ARGS__).c_str())
 
 namespace proto_ce {
@@ -102,7 +107,8 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 // increasing. The first offending entry raises, in the words of proto_ce.py's own checks; `kind` names an
 // id ("class", "prototype") and `rows_owner` what has the K rows ("w has", "the prototypes have"). The
 // CUDA kernels call it on a host copy of idx once their device-side check has found a problem.
-inline void check_sorted_unique_ids(const at::Tensor& host_ids, int64_t K, const char* kind, const char* rows_owner) {
+PROTO_CE_CHECKER void check_sorted_unique_ids(const at::Tensor& host_ids, int64_t K, const char* kind,
+                                              const char* rows_owner) {
   const at::Tensor ids = host_ids.contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < ids.numel(); ++i) {
@@ -118,7 +124,7 @@ inline void check_sorted_unique_ids(const at::Tensor& host_ids, int64_t K, const
 }
 
 // Raises the error of a label that is not among the sampled classes (labels[b] == label).
-inline void fail_label_not_in_idx(int64_t label, int64_t b) {
+PROTO_CE_CHECKER void fail_label_not_in_idx(int64_t label, int64_t b) {
   PROTO_CE_CHECK(false, "proto_ce: labels contain class id ", label, " (labels[", b,
                  "]) which is not in idx; every label must be a sampled class");
 }
@@ -134,7 +140,7 @@ inline at::Tensor dense_prototype_grad(const at::Tensor& rows, const at::Tensor&
 // Argument checks of the kernels. proto_ce.py validates user input first with friendlier messages; these
 // guard direct torch.ops.proto_ce calls. They raise RuntimeError (TORCH_CHECK), which proto_ce.py's public
 // functions turn into ValueError.
-inline void check_label_args(const at::Tensor& idx, const at::Tensor& labels) {
+PROTO_CE_CHECKER void check_label_args(const at::Tensor& idx, const at::Tensor& labels) {
   PROTO_CE_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong,
                  "proto_ce: idx must be a 1-d int64 tensor, got ", idx.dim(), "-d ", idx.scalar_type());
   PROTO_CE_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
@@ -144,11 +150,13 @@ inline void check_label_args(const at::Tensor& idx, const at::Tensor& labels) {
                  labels.device());
 }
 
-inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx,
-                              const at::Tensor& target_pos, const at::Tensor& scale) {
+PROTO_CE_CHECKER void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx,
+                                        const at::Tensor& target_pos, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "proto_ce: x [B, D] and w [K, D] must be 2-d with the same D");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "proto_ce: x and w must have the same dtype");
+  // (else the kernels' dtype dispatch would raise, formatting its message through a stream)
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "proto_ce: x and w must be float16/bfloat16/float32/float64");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() > 0,
               "proto_ce: idx must be a non-empty 1-d int64 tensor");
   TORCH_CHECK(target_pos.dim() == 1 && target_pos.scalar_type() == at::kLong &&
@@ -162,7 +170,8 @@ inline void check_kernel_args(const at::Tensor& x, const at::Tensor& w, const at
 }
 
 // xent_backward's per-row inputs: one upstream gradient and one saved log-sum-exp per row of x.
-inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
+PROTO_CE_CHECKER void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& lse,
+                                          const at::Tensor& x) {
   for (const at::Tensor* t : {&grad_loss, &lse}) {
     PROTO_CE_CHECK(t->dim() == 1 && t->numel() == x.size(0) && t->device() == x.device(),
                    "proto_ce: grad_loss and lse must be 1-d with one entry per row of x (B = ", x.size(0),

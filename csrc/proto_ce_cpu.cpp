@@ -51,7 +51,7 @@ at::Tensor label_positions_cpu(const at::Tensor& idx, const at::Tensor& labels, 
 
 // Every target position within [0, V): the row loops index the logits with it. proto_ce.py computes the
 // positions with label_positions; this guards direct torch.ops calls (a read out of bounds otherwise).
-void check_target_positions(const at::Tensor& target_pos, int64_t V) {
+__attribute__((noinline)) void check_target_positions(const at::Tensor& target_pos, int64_t V) {
   const at::Tensor tpos = target_pos.contiguous();
   const int64_t* t = tpos.data_ptr<int64_t>();
   for (int64_t b = 0; b < tpos.numel(); ++b) {

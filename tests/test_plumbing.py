@@ -157,10 +157,12 @@ def test_resume_on_other_data_is_refused(tmp_path):
              (_Data(["cat", "dog"], [0, 1, 1, 1]), "other classes (2 now, 3 then)"),
              (moved, "other classes (class 2, 'fox', has ImageNet id 7 now, 2 then)"),
              (_Data(["cat", "dog", "fox"], [0, 1, 2]), "another training set (3 images now, 4 then)"),
-             (_Data(["cat", "dog", "fox"], [0, 1, 1, 2]), "another training set (4 images now, 4 then)")]
+             (_Data(["cat", "dog", "fox"], [0, 1, 1, 2]), "another training set (as many images, 4, but other "
+                                                           "samples, labels or data seed)")]
     for other, message in cases:
         with pytest.raises(ValueError, match=re.escape(f"cannot resume {out}: its checkpoint was trained on {message}")):
-            data.RunDir(out, _Args(lr=0.1), data.Dist(), resume=True, data=other).resume_state()
+            data.RunDir(out, _Args(lr=0.2), data.Dist(), resume=True, data=other).resume_state()
+        assert json.load(open(os.path.join(out, "args.json"))) == {"lr": 0.1}  # kept: the run's own flags
     # a checkpoint written before data identities were saved resumes as before
     data.save_checkpoint(os.path.join(out, "checkpoint.pt"), {"epoch": 2})
     assert data.RunDir(out, _Args(lr=0.1), data.Dist(), resume=True, data=cases[0][0]).resume_state()["epoch"] == 2

@@ -415,22 +415,27 @@ def test_bad_reduction():
 @needs_extension_cpu
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 def test_extension_error_messages_use_no_stream():
-    """The extension's own checks (proto_ce::check_* / fail_*) never format into a std::ostream: on the GPU
-    machine's torch 2.11 an integer written into one from the extension crashed the process (csrc/proto_ce.h,
-    message_part). Reads their calls in the disassembly. (Inline error paths of torch's own headers, such as
-    CUDAGuard's device-type check, still use streams; they guard internal misuse the ops never reach.)"""
+    """The extension's argument checks never format into a std::ostream: on the GPU machine's torch 2.11 an
+    integer written into one from the extension crashed the process (csrc/proto_ce.h, message_part). Reads
+    their calls (and tail jumps) in the disassembly; the checks are kept out of line for this. (Inline error
+    paths of torch's own headers, such as a dtype dispatch's default case, still use streams; the checks
+    keep the ops from reaching them.)"""
     listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", proto_ce._LOADED.where],
                              capture_output=True, text=True, check=True).stdout
-    function, streaming, own = None, set(), set()
+    function, streaming, found = None, set(), set()
     for line in listing.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
             function = header.group(1)
         elif function and re.match(r"proto_ce::(\(anonymous namespace\)::|dino::)*(check_|fail_)", function):
-            own.add(function)
-            if re.search(r"call.*(ostringstream|ostream_insert|ostream::_M_insert|ostream::operator<<)", line):
-                streaming.add(function.split("(")[0])
-    assert any("check_sorted_unique_ids" in f for f in own), "the checks were not found in the disassembly"
+            name = function.replace("(anonymous namespace)::", "").split("(")[0].split("::")[-1]
+            found.add(name)
+            if re.search(r"\b(call|jmp)\b.*(ostringstream|ostream_insert|ostream::_M_insert|ostream::operator<<|"
+                         r"_str_wrapper|c10::str\b)", line):
+                streaming.add(name)
+    checks = {"check_sorted_unique_ids", "fail_label_not_in_idx", "check_label_args", "check_kernel_args",
+              "check_backward_args", "check_target_positions", "check_idx", "check_args"}
+    assert checks <= found, f"not found in the disassembly: {sorted(checks - found)}"
     assert not streaming, f"these format error messages with a stream: {sorted(streaming)}"
 
 
@@ -462,6 +467,8 @@ def test_kernel_validation_messages():
             torch.ops.proto_ce.xent_forward(x, w, idx, bad_pos, one)
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.xent_backward(torch.ones(2), x, w, idx, bad_pos, one, torch.zeros(2), True, True, True)
+    with pytest.raises(RuntimeError, match=re.escape("x and w must be float16/bfloat16/float32/float64")):
+        torch.ops.proto_ce.xent_forward(x.long(), w.long(), idx, good_pos, one)
     _, lse = torch.ops.proto_ce.xent_forward(x, w, idx, good_pos, one)
     for grad_loss, saved_lse in [(torch.ones(1), lse), (torch.ones(2), lse[:1]), (torch.ones(2, 1), lse)]:
         with pytest.raises(RuntimeError, match=re.escape("grad_loss and lse must be 1-d with one entry per row")):
@@ -640,9 +647,9 @@ def test_cuda_bad_input(case_id, make_bad, message):
 
 
 @pytest.mark.cuda
-def test_cuda_label_positions_direct_call_errors():
-    """torch.ops.proto_ce.label_positions on CUDA finds bad idx / labels on the device and raises (RuntimeError,
-    the CPU op's messages) from host code; an nvcc-compiled throw crashed torch 2.11 (csrc/cuda_entry.cpp)."""
+def test_cuda_bad_input_label_positions_direct_call():
+    """torch.ops.proto_ce.label_positions on CUDA finds bad idx / labels on the device and raises RuntimeError
+    with the CPU op's messages (whose formatting crashed torch 2.11 on an H100: csrc/proto_ce.h message_part)."""
     idx = torch.tensor([1, 4, 9], device="cuda")
     cases = [(torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted (idx[0]=4 > idx[1]=1)"),
              (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
