@@ -2088,11 +2088,21 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
 
+def _out_of_memory(error):
+    """Whether `error` says that memory ran out (CUDA, the CPU allocator or numpy)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
 def run_cli(main):
-    """Run a script's main(); bad input (ValueError, FileNotFoundError, NaN loss) ends in one line, exit 2.
+    """Run a script's main(); bad input (ValueError, FileNotFoundError, NaN loss) ends in one line, exit 2,
+    and running out of memory (a batch, image or model too large for the machine) in one line, exit 1.
 
     Set CLIP_TAIL_DEBUG=1 to see the full traceback instead.
     """
+    program = os.path.basename(sys.argv[0])
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: a path that is a file, unwritable, ...
@@ -2101,8 +2111,15 @@ def run_cli(main):
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        print(f"{program}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if os.environ.get("CLIP_TAIL_DEBUG") or not _out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"{program}: error: out of memory ({first}); lower --batch-size (it is global: more processes "
+              "share it) or the image or model size", file=sys.stderr)
+        sys.exit(1)
     finally:
         close_distributed()
 

@@ -214,6 +214,24 @@ def _run_fails_py(tmp_path, code):
                           env={**os.environ, "PYTHONPATH": REPO})
 
 
+@pytest.mark.parametrize("raise_it, first_line", [
+    ("raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB.\\nmore')",
+     "CUDA out of memory. Tried to allocate 20.00 GiB."),
+    ("torch.empty(2 ** 62, dtype=torch.uint8)", "DefaultCPUAllocator"),
+    ("raise MemoryError('Unable to allocate 75.0 GiB for an array')", "Unable to allocate 75.0 GiB for an array"),
+])
+def test_run_cli_reports_out_of_memory_in_one_line(tmp_path, raise_it, first_line):
+    proc = _run_fails_py(tmp_path, f"import torch, data\ndef main():\n    {raise_it}\ndata.run_cli(main)\n")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fails.py: error: out of memory (") and first_line in lines[0]
+    assert "lower --batch-size" in lines[0]
+    # any other RuntimeError keeps its traceback: it is a bug, not bad input
+    proc = _run_fails_py(tmp_path, "import data\ndef main():\n    raise RuntimeError('shape mismatch')\n"
+                                   "data.run_cli(main)\n")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "shape mismatch" in proc.stderr
+
+
 def test_run_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path):
     proc = _run_fails_py(tmp_path, "import data\n"
                                    "def main():\n    raise ValueError('--voc 500 is larger than the 100 classes')\n"
