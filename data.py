@@ -969,6 +969,10 @@ def check_data_options(opts):
         raise ValueError(f"--imbalance (largest / smallest class) must be a finite number >= 1, got {opts.imbalance}")
     if opts.subset_size is not None and opts.subset_frac < 1:
         raise ValueError("give --subset-size or --subset-frac, not both")
+    if opts.freq_match is not None:  # checked before loading: a typo fails here, and "" is not ignored
+        if not opts.freq_match:
+            raise ValueError("--freq-match needs a profile name or a table file")
+        profile_table_path(opts.freq_match)
     names = [spec.partition("=")[0] for spec in opts.extra_eval]
     if len(set(names)) < len(names):
         raise ValueError(f"--extra-eval names must differ, got {names}")

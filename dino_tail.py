@@ -181,6 +181,9 @@ def transfer_tasks(args):
     synthetic = args.data == "synthetic"
     text = args.transfer or ("novel,seen" if synthetic else "none")
     tasks = [] if text == "none" else [t.strip() for t in text.split(",") if t.strip()]
+    if synthetic and args.transfer_root is not None:
+        raise ValueError("--transfer-root holds real transfer sets, which need --data other than synthetic (the "
+                         "synthetic world's tasks are novel and seen)")
     for task in tasks:
         if synthetic and task not in ("novel", "seen"):
             raise ValueError(f"--transfer {task}: a real data set needs --data other than synthetic (the synthetic "

@@ -182,6 +182,9 @@ def test_bad_subset_fraction_is_an_argparse_error(text, tmp_path, capsys):
     (["--classes", "rand1"], "unknown class set"),
     (["--trim-tail", "100"], "--trim-tail must be in [1, 99]"),
     (["--extra-eval", "a=REPO/README.md"], "is not a folder"),
+    (["--freq-match", ""], "--freq-match needs a profile name or a table file"),
+    (["--freq-match", "laionet-07"], "unknown frequency profile 'laionet-07'"),
+    (["--freq-match", "/nonexistent/f.txt"], "frequency table not found: /nonexistent/f.txt"),
 ])
 def test_impossible_data_flags_are_refused(flags, message, tmp_path):
     flags = [f.replace("REPO", REPO) for f in flags]

@@ -340,6 +340,7 @@ def _run(args, env_extra=None, **kw):
     (["--utilisation-eps", "-1"], "--utilisation-eps must be in [0, 2]"),
     (["--warmup-epochs", "1000"], "must not exceed --epochs"),
     (["--transfer", "cifar10"], "needs --data other than synthetic"),
+    (["--transfer-root", "/data/transfer"], "--transfer-root holds real transfer sets, which need --data other"),
     (["--data", "imagefolder", "--transfer", "novel"], "needs --data synthetic"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--teacher-momentum", "1.5"], "must lie in [0, 1]"),
