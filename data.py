@@ -1993,19 +1993,19 @@ def _digest_samples(train, digest):
 
 def data_difference(saved, now):
     """How the data `now` differ from `saved` (two data_identity dicts), in words; None when they match."""
-    if saved.get("classnames") != now["classnames"] or saved.get("imagenet_ids") != now["imagenet_ids"]:
-        saved_names = saved.get("classnames", [])
-        if len(saved_names) != len(now["classnames"]):
-            return f"other classes ({len(now['classnames'])} now, {len(saved_names)} then)"
-        pairs = zip(now["classnames"], saved_names, now["imagenet_ids"], saved.get("imagenet_ids", []))
-        i, (name, saved_name, _, _) = next((i, p) for i, p in enumerate(pairs) if p[0] != p[1] or p[2] != p[3])
-        if name != saved_name:
-            return f"other classes (class {i} is {name!r} now, {saved_name!r} then)"
-        return f"other classes (class {i}, {name!r}, has ImageNet id {now['imagenet_ids'][i]} now, " \
-               f"{saved['imagenet_ids'][i]} then)"
-    if saved.get("num_train") != now["num_train"]:
-        return f"another training set ({now['num_train']} images now, {saved.get('num_train')} then)"
-    if saved.get("train_sha1") != now["train_sha1"]:
+    names, saved_names = now["classnames"], saved["classnames"]
+    ids, saved_ids = now["imagenet_ids"], saved["imagenet_ids"]
+    if len(names) != len(saved_names):
+        return f"other classes ({len(names)} now, {len(saved_names)} then)"
+    differing = [i for i in range(len(names)) if names[i] != saved_names[i] or ids[i] != saved_ids[i]]
+    if differing:
+        i = differing[0]
+        if names[i] != saved_names[i]:
+            return f"other classes (class {i} is {names[i]!r} now, {saved_names[i]!r} then)"
+        return f"other classes (class {i}, {names[i]!r}, has ImageNet id {ids[i]} now, {saved_ids[i]} then)"
+    if saved["num_train"] != now["num_train"]:
+        return f"another training set ({now['num_train']} images now, {saved['num_train']} then)"
+    if saved["train_sha1"] != now["train_sha1"]:
         return (f"another training set (as many images, {now['num_train']}, but other samples, labels or data "
                 "seed)")
     return None
@@ -2093,11 +2093,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _out_of_memory(error):
-    """Whether `error` says that memory ran out (CUDA, the CPU allocator or numpy)."""
+    """Whether `error` (a MemoryError or RuntimeError) says that memory ran out: CUDA, the CPU allocator or
+    numpy."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+    return "can't allocate memory" in str(error) or "not enough memory" in str(error)
 
 
 def run_cli(main):
