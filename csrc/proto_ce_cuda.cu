@@ -10,6 +10,10 @@
 //   backward, per chunk: Z again, then one block per row turns it into dZ = g * scale * (softmax - onehot)
 //     (in the input dtype, for the tensor-core GEMMs) and adds its row's share of d scale = sum dlogits * Z;
 //     dX += dZ Wc (fp32 accumulator across chunks), dWc = dZ^T X, scattered into the idx rows of dW.
+// target_pos is asserted to lie in [0, V) on the device (CUDA_KERNEL_ASSERT, as ATen's index kernels do):
+// proto_ce.py computes it with label_positions, so only a direct torch.ops call with bad positions trips
+// the assert, which ends the CUDA context instead of reading out of bounds or silently dropping the
+// target (a host-side check would synchronise every call).
 // Only [B, Vc] and [Vc, D] buffers exist (Vc sized to a memory budget), never [B, V]. There are no
 // floating-point atomics: every reduction has a fixed order, so results are bit-identical run to run.
 // The matmuls go through ATen (not raw cuBLAS) so that this file needs no cuBLAS/cuSPARSE headers: some
@@ -85,7 +89,8 @@ __device__ acc_t block_reduce(acc_t value, Op op, acc_t identity, acc_t* shared)
 // Forward, one block per row b of a chunk [c0, c0 + n): folds the chunk into the row's running max and
 // rescaled sum of exp(scale * z), and records the target logit if the target lies in the chunk.
 template <typename acc_t>
-__global__ void lse_update_kernel(const acc_t* __restrict__ Z, int64_t n, int64_t c0, const acc_t* __restrict__ scale,
+__global__ void lse_update_kernel(const acc_t* __restrict__ Z, int64_t n, int64_t c0, int64_t V,
+                                  const acc_t* __restrict__ scale,
                                   const int64_t* __restrict__ target_pos, acc_t* __restrict__ row_max,
                                   acc_t* __restrict__ row_sum, acc_t* __restrict__ target_logit) {
   __shared__ acc_t shared[32];
@@ -103,6 +108,7 @@ __global__ void lse_update_kernel(const acc_t* __restrict__ Z, int64_t n, int64_
   if (threadIdx.x == 0) {
     row_sum[b] = row_sum[b] * exp(old_max - new_max) + sum;  // exp(-inf) = 0 on the first chunk
     row_max[b] = new_max;
+    CUDA_KERNEL_ASSERT(target_pos[b] >= 0 && target_pos[b] < V);
     const int64_t t = target_pos[b] - c0;
     if (t >= 0 && t < n) target_logit[b] = s * row[t];
   }
@@ -111,7 +117,8 @@ __global__ void lse_update_kernel(const acc_t* __restrict__ Z, int64_t n, int64_
 // Backward, one block per row b of a chunk: dZ[b, j] = g_b * scale * (softmax_bj - [j == target]) in the
 // input dtype, and row_dscale[b] += sum_j g_b * (softmax_bj - [j == target]) * Z[b, j].
 template <typename scalar_t, typename acc_t>
-__global__ void dlogits_kernel(const acc_t* __restrict__ Z, int64_t n, int64_t c0, const acc_t* __restrict__ scale,
+__global__ void dlogits_kernel(const acc_t* __restrict__ Z, int64_t n, int64_t c0, int64_t V,
+                               const acc_t* __restrict__ scale,
                                const int64_t* __restrict__ target_pos, const acc_t* __restrict__ lse,
                                const acc_t* __restrict__ grad, scalar_t* __restrict__ dZ,
                                acc_t* __restrict__ row_dscale) {
@@ -120,6 +127,7 @@ __global__ void dlogits_kernel(const acc_t* __restrict__ Z, int64_t n, int64_t c
   const acc_t* row = Z + b * n;
   scalar_t* drow = dZ + b * n;
   const acc_t s = *scale, g = grad[b], l = lse[b];
+  CUDA_KERNEL_ASSERT(target_pos[b] >= 0 && target_pos[b] < V);
   const int64_t t = target_pos[b] - c0;
   acc_t part = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
@@ -203,7 +211,7 @@ void forward_chunks(const at::Tensor& X, const at::Tensor& w, const at::Tensor& 
     at::Tensor w_chunk = w_buf.narrow(0, 0, n);
     at::index_select_out(w_chunk, w, 0, idx.narrow(0, c0, n));
     const at::Tensor z = mm_acc(X, w_chunk.t(), acc).contiguous();  // [B, n], unscaled x.w
-    lse_update_kernel<acc_t><<<B, kThreads, 0, stream>>>(z.data_ptr<acc_t>(), n, c0, scale.data_ptr<acc_t>(),
+    lse_update_kernel<acc_t><<<B, kThreads, 0, stream>>>(z.data_ptr<acc_t>(), n, c0, V, scale.data_ptr<acc_t>(),
                                                          target_pos.data_ptr<int64_t>(), row_max.data_ptr<acc_t>(),
                                                          row_sum.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -229,7 +237,7 @@ void backward_chunks(const at::Tensor& g, const at::Tensor& X, const at::Tensor&
     at::index_select_out(w_chunk, w, 0, idx_chunk);
     const at::Tensor z = mm_acc(X, w_chunk.t(), acc).contiguous();  // [B, n], unscaled x.w, recomputed
     at::Tensor dz = dz_buf.narrow(0, 0, B * n).view({B, n});        // d loss / d(x.w), input dtype
-    dlogits_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(z.data_ptr<acc_t>(), n, c0, scale.data_ptr<acc_t>(),
+    dlogits_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(z.data_ptr<acc_t>(), n, c0, V, scale.data_ptr<acc_t>(),
                                                                target_pos.data_ptr<int64_t>(), lse.data_ptr<acc_t>(),
                                                                g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>(),
                                                                row_dscale.data_ptr<acc_t>());
@@ -309,6 +317,7 @@ __global__ void fused_rows_kernel(const acc_t* __restrict__ Z, int64_t V, const 
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) sum += exp(s * row[j] - row_max);
   sum = block_reduce(sum, SumOp<acc_t>(), acc_t(0), shared);
   const int64_t t = target_pos[r];
+  CUDA_KERNEL_ASSERT(t >= 0 && t < V);
   if (threadIdx.x == 0) loss[r] = row_max + log(sum) - s * row[t];
   if (!grads) return;
   const acc_t inv = acc_t(1) / sum;

@@ -662,6 +662,38 @@ def test_cuda_bad_input_label_positions_direct_call():
     assert torch.equal(got.cpu(), torch.tensor([2, 0, 1]))
 
 
+CUDA_DIRECT_CALL_BAD_TARGET = """
+    import torch, proto_ce
+    assert proto_ce.backend("cuda") == "extension-cuda", proto_ce.backend("cuda")
+    x, w = torch.randn(4, 8, device="cuda"), torch.randn(10, 8, device="cuda")
+    idx, one = torch.tensor([1, 4, 9], device="cuda"), torch.ones((), device="cuda")
+    target_pos = torch.tensor([0, 2, {bad}, 1], device="cuda")
+    if "{op}" == "xent_fused":
+        out = torch.ops.proto_ce.xent_fused(x, w, idx, target_pos, one, True, True, True, True)
+    elif "{op}" == "xent_forward":
+        out = torch.ops.proto_ce.xent_forward(x, w, idx, target_pos, one)
+    else:
+        _, lse = torch.ops.proto_ce.xent_forward(x, w, idx, target_pos.clamp(0, 2), one)
+        out = torch.ops.proto_ce.xent_backward(torch.ones(4, device="cuda"), x, w, idx, target_pos, one, lse,
+                                               True, True, True)
+    torch.cuda.synchronize()
+    print("NO ASSERT", out)
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["xent_fused", "xent_forward", "xent_backward"])
+@pytest.mark.parametrize("bad", [3, -1])
+def test_cuda_bad_input_target_positions_direct_call(op, bad):
+    """A direct torch.ops call with a target position outside [0, V) trips the kernels' device-side assert
+    (csrc/proto_ce_cuda.cu) instead of reading out of bounds or dropping the target. The assert ends the
+    CUDA context, so it runs in a child process."""
+    result = _run_python(CUDA_DIRECT_CALL_BAD_TARGET.format(op=op, bad=bad), {}, REPO)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "NO ASSERT" not in output, output[-2000:]
+    assert "device-side assert" in output or "target_pos[b] < V" in output, output[-2000:]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_opcheck(dtype):
