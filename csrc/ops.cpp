@@ -50,13 +50,12 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 constexpr const char* kOps[] = {"label_positions", "xent_forward", "xent_fused", "xent_backward",
                                 "dino_forward",    "dino_backward"};
 
-TORCH_LIBRARY_IMPL(proto_ce, AutocastCPU, m) {
+void register_without_autocast(torch::Library& m) {
   for (const char* name : kOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
 }
 
-TORCH_LIBRARY_IMPL(proto_ce, AutocastCUDA, m) {
-  for (const char* name : kOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
-}
+TORCH_LIBRARY_IMPL(proto_ce, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(proto_ce, AutocastCUDA, m) { register_without_autocast(m); }
 
 // Build information that proto_ce.py reads from the file (without loading it) to decide whether a
 // prebuilt library is current (built from the same csrc sources) and has CUDA kernels. setup.py and the

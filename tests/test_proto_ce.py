@@ -682,8 +682,7 @@ CUDA_DIRECT_CALL_BAD_TARGET = """
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("op", ["xent_fused", "xent_forward", "xent_backward"])
-@pytest.mark.parametrize("bad", [3, -1])
+@pytest.mark.parametrize("op, bad", [("xent_fused", 3), ("xent_forward", -1), ("xent_backward", 3)])
 def test_cuda_bad_input_target_positions_direct_call(op, bad):
     """A direct torch.ops call with a target position outside [0, V) trips the kernels' device-side assert
     (csrc/proto_ce_cuda.cu) instead of reading out of bounds or dropping the target. The assert ends the
