@@ -439,22 +439,26 @@ def test_extension_error_messages_use_no_stream():
     assert not streaming, f"these format error messages with a stream: {sorted(streaming)}"
 
 
+# label_positions(idx, labels, 10) with a bad idx or label (the good idx is [1, 4, 9]), and its error
+LABEL_POSITION_CASES = [
+    (torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted (idx[0]=4 > idx[1]=1)"),
+    (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
+    (torch.tensor([1, 4, 12]), torch.tensor([4]), "class id 12 outside [0, 10)"),
+    (torch.tensor([1, 4, 9]), torch.tensor([4, 5]), "class id 5 (labels[1]) which is not in idx")]
+
+
 @needs_extension_cpu
 def test_kernel_validation_messages():
     """The C++ op itself (direct torch.ops call) rejects bad idx / labels with the same messages, as a
     RuntimeError (proto_cross_entropy turns them into ValueError; see proto_ce._value_errors)."""
     idx = torch.tensor([1, 4, 9])
-    cases = [(torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted"),
-             (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
-             (torch.tensor([1, 4, 12]), torch.tensor([4]), "outside [0, 10)"),
-             (idx, torch.tensor([4, 5]), "class id 5 (labels[1]) which is not in idx")]
-    for bad_idx, labels, message in cases:
+    for bad_idx, labels, message in LABEL_POSITION_CASES:
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.label_positions(bad_idx, labels, 10)
     assert torch.equal(torch.ops.proto_ce.label_positions(idx, torch.tensor([9, 1, 4]), 10), torch.tensor([2, 0, 1]))
     # xent_fused writes its dense w gradient at the idx rows: called directly, it checks them itself
     x, w = torch.randn(2, 3), torch.randn(10, 3)
-    for bad_idx, _, message in cases[:3]:
+    for bad_idx, _, message in LABEL_POSITION_CASES[:3]:
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.xent_fused(x, w, bad_idx, torch.tensor([1, 0]), torch.tensor(1.0), True, True, True, True)
     # the row loops index the logits with target_pos: called directly, the kernels check its range
@@ -651,11 +655,7 @@ def test_cuda_bad_input_label_positions_direct_call():
     """torch.ops.proto_ce.label_positions on CUDA finds bad idx / labels on the device and raises RuntimeError
     with the CPU op's messages (whose formatting crashed torch 2.11 on an H100: csrc/proto_ce.h message_part)."""
     idx = torch.tensor([1, 4, 9], device="cuda")
-    cases = [(torch.tensor([4, 1, 9]), torch.tensor([4]), "idx is not sorted (idx[0]=4 > idx[1]=1)"),
-             (torch.tensor([1, 4, 4]), torch.tensor([4]), "duplicate class id 4"),
-             (torch.tensor([1, 4, 12]), torch.tensor([4]), "class id 12 outside [0, 10)"),
-             (idx, torch.tensor([4, 5]), "class id 5 (labels[1]) which is not in idx")]
-    for bad_idx, labels, message in cases:
+    for bad_idx, labels, message in LABEL_POSITION_CASES:
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.proto_ce.label_positions(bad_idx.cuda(), labels.cuda(), 10)
     got = torch.ops.proto_ce.label_positions(idx, torch.tensor([9, 1, 4], device="cuda"), 10)
