@@ -220,6 +220,20 @@ void zero_rows_outside(acc_t* grad_w, int64_t K, int64_t D, const int64_t* idx, 
   });
 }
 
+// Moves the dW rows [V, D], kept in the first V rows of the dense gradient [K, D], to their rows idx[v].
+// idx is sorted and unique, so idx[v] >= v: rows bound beyond the first V (no source there) move in
+// parallel, then the rest last one first, so that no row lands on one still to be moved.
+template <typename acc_t>
+void spread_rows(acc_t* grad_w, int64_t D, const int64_t* idx, int64_t V) {
+  const int64_t first_far = std::lower_bound(idx, idx + V, V) - idx;
+  at::parallel_for(first_far, V, copy_grain(D), [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) std::copy(grad_w + v * D, grad_w + (v + 1) * D, grad_w + idx[v] * D);
+  });
+  for (int64_t v = first_far - 1; v >= 0; --v) {
+    if (idx[v] != v) std::copy(grad_w + v * D, grad_w + (v + 1) * D, grad_w + idx[v] * D);
+  }
+}
+
 // First pass over a block of unscaled logits z [nb, V]: e = s*z - rowmax(s*z) (the caller then applies
 // ATen's vectorised exp to e), and each row's max and target logit s*z[target].
 template <typename acc_t>
@@ -288,14 +302,15 @@ at::Tensor as_matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) {
 // logits matmul, two fused row loops around ATen's vectorised exp, dx = dZ w[idx] and dw[idx] += dZ^T x.
 // Three matmuls' work in all, as in eager's forward + backward.
 //
-// Memory: besides the returned gradients, one block's dZ [rows, V] and the gathered prototypes w[idx].
-// These are gathered in slices of Dc embedding dimensions [V, Dc] no larger than a logits block, and
-// gathered again where a slice is needed twice (the copy costs about 1/rows of the matmul work that uses
-// it); the block's logits z live in the rows of grad_x that the block writes last (dead by then), and the
-// w gradient goes straight into the dense [K, D] gradient (only its rows outside idx are zeroed). At the
-// SL shape (B=256, D=1024, V=100) this keeps the temporaries under a quarter of eager's, whose w[idx]
-// alone is [V, D]. Where one slice holds all D (the DINO shape: D=256, many row blocks), w[idx] is
-// gathered once and dW summed in a [V, D] buffer.
+// Memory: besides the returned gradients, nothing of size [V, D] or [B, V]. The block's logits z live
+// in the rows of grad_x that the block writes last (dead by then). Where w needs a gradient, its dense
+// [K, D] is returned anyway and is zero outside the V idx rows: when large enough (K >= 2V plus a block),
+// it lends its memory to w[idx], the dW rows [V, D] and dZ, and the dW rows are moved to their idx rows at
+// the end (the SL and DINO shapes). Otherwise (w frozen, or K close to V) w[idx] is gathered in slices of
+// Dc embedding dimensions [V, Dc] no larger than a logits block, gathered again where a slice is needed
+// twice (the copy costs about 1/rows of the matmul work that uses it), and each slice's w gradient goes
+// straight into the dense gradient; where one slice holds all D, w[idx] is gathered once and dW summed
+// in a [V, D] buffer.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& target_pos,
     const at::Tensor& scale, bool mean, bool need_grad_x, bool need_grad_w, bool need_grad_scale) {
@@ -309,53 +324,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
   check_target_positions(target_pos, id.numel());
   const at::Tensor tpos = target_pos.contiguous();
   const double s = scale.item<double>();
-  const int64_t B = X.size(0), D = X.size(1), V = id.numel();
+  const int64_t B = X.size(0), D = X.size(1), K = W.size(0), V = id.numel();
   const double row_weight = mean ? 1.0 / static_cast<double>(B) : 1.0;
   const double coef = row_weight * s;  // d loss / d(x.w) = coef * (softmax - onehot)
   const bool grads = need_grad_x || need_grad_w || need_grad_scale;
   const int64_t elt = static_cast<int64_t>(c10::elementSize(acc));
   const int64_t Bb = chunk_rows(B, V * elt, kCpuRowBlockBytes, kCpuMinRows);
-  const int64_t Dc = slice_dims(D, V * elt, Bb * V * elt, 16);
+  const bool z_in_grad_x = need_grad_x && V <= D;
+  const int64_t budget_dims = slice_dims(D, V * elt, Bb * V * elt, 16);
+  // PROTO_CE_SLICE_DIMS below D forces the sliced path (tests)
+  const bool in_grad_w = need_grad_w && K * D >= 2 * V * D + Bb * V * (z_in_grad_x ? 1 : 2) &&
+                         !(budget_dims < D && std::getenv("PROTO_CE_SLICE_DIMS"));
+  const int64_t Dc = in_grad_w ? D : budget_dims;
   const bool one_slice = Dc == D;  // then w[idx] is gathered once and serves every block
 
-  auto dense_grad_w = [&] {  // [K, D] with the rows outside idx zeroed; the idx rows are written later
-    at::Tensor dense = at::empty(W.sizes(), X.options());
+  auto zero_rows_outside_idx = [&](at::Tensor& dense) {
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_zero_rows_outside", [&] {
-      zero_rows_outside<scalar_t>(dense.data_ptr<scalar_t>(), W.size(0), D, id.data_ptr<int64_t>(), V);
+      zero_rows_outside<scalar_t>(dense.data_ptr<scalar_t>(), K, D, id.data_ptr<int64_t>(), V);
     });
-    return dense;
   };
-  at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
-  // dW rows: with several slices, each block's slice lands in the slice buffer once dx is done and is added
-  // to the dense gradient right away; with one, they are summed over the blocks by the matmul itself
-  // (beta = 1) and written into the dense gradient after the blocks, once the block buffers are freed
-  // (the dense gradient is the largest tensor here at the DINO shape: [65536, 256])
-  at::Tensor grad_w = need_grad_w && !one_slice ? dense_grad_w() : at::empty({0}, W.options());
-  at::Tensor prototype_buffer = one_slice ? w.index_select(0, id).to(acc) : at::empty({V, Dc}, X.options());
-  const at::Tensor dw_buffer = need_grad_w && one_slice ? at::empty({V, D}, X.options()) : prototype_buffer;
-  at::Tensor dz_buffer = at::empty({Bb, V}, X.options());
-  const bool z_in_grad_x = need_grad_x && V <= D;
-  at::Tensor z_buffer = z_in_grad_x ? at::Tensor() : at::empty({Bb, V}, X.options());
-  at::Tensor row_loss = at::empty({B}, X.options());
-  at::Tensor row_dscale = at::empty({B}, X.options());
-  at::Tensor row_max = at::empty({B}, X.options());
-  at::Tensor target_logit = at::empty({B}, X.options());
-
   auto write_rows_into = [&](at::Tensor& dense, int64_t d0, const at::Tensor& rows, bool accumulate) {
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_write_rows", [&] {
       write_rows<scalar_t>(dense.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V, d0, rows.size(1),
                            rows.data_ptr<scalar_t>(), accumulate);
     });
   };
-  auto prototypes = [&](int64_t d0, int64_t n) -> at::Tensor {  // w[idx, d0:d0+n] as [V, n]
-    if (one_slice) return prototype_buffer;
-    at::Tensor out = as_matrix(prototype_buffer, V, n);
+  auto gather_into = [&](at::Tensor& out, int64_t d0, int64_t n) {  // out [V, n] = w[idx, d0:d0+n]
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "proto_ce_gather_slice", [&] {
       using w_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_gather_slice_acc", [&] {
         gather_slice<w_t, scalar_t>(W, id.data_ptr<int64_t>(), V, d0, n, out.data_ptr<scalar_t>());
       });
     });
+  };
+
+  at::Tensor grad_x = need_grad_x ? at::empty({B, D}, X.options()) : at::empty({0}, X.options());
+  at::Tensor grad_w = at::empty({0}, W.options());
+  at::Tensor prototype_buffer, dw_buffer, dz_buffer, z_buffer;
+  if (in_grad_w) {  // the dW rows first: spread_rows moves them from there to their idx rows
+    grad_w = at::empty(W.sizes(), X.options());
+    const at::Tensor lent = grad_w.view({-1});
+    dw_buffer = lent.narrow(0, 0, V * D).view({V, D});
+    prototype_buffer = lent.narrow(0, V * D, V * D).view({V, D});
+    dz_buffer = lent.narrow(0, 2 * V * D, Bb * V);
+    if (!z_in_grad_x) z_buffer = lent.narrow(0, 2 * V * D + Bb * V, Bb * V);
+  } else {
+    // with several slices, each block's dW slice lands in the slice buffer once dx is done and is added
+    // to the dense gradient right away; with one, dW is summed over the blocks by the matmul itself
+    // (beta = 1) and written into the dense gradient after the blocks, once the block buffers are freed
+    if (need_grad_w && !one_slice) {
+      grad_w = at::empty(W.sizes(), X.options());
+      zero_rows_outside_idx(grad_w);
+    }
+    prototype_buffer = at::empty({V, Dc}, X.options());
+    dw_buffer = need_grad_w && one_slice ? at::empty({V, D}, X.options()) : prototype_buffer;
+    dz_buffer = at::empty({Bb, V}, X.options());
+    if (!z_in_grad_x) z_buffer = at::empty({Bb, V}, X.options());
+  }
+  if (one_slice) gather_into(prototype_buffer, 0, D);
+  at::Tensor row_loss = at::empty({B}, X.options());
+  at::Tensor row_dscale = at::empty({B}, X.options());
+  at::Tensor row_max = at::empty({B}, X.options());
+  at::Tensor target_logit = at::empty({B}, X.options());
+
+  auto prototypes = [&](int64_t d0, int64_t n) -> at::Tensor {  // w[idx, d0:d0+n] as [V, n]
+    if (one_slice) return prototype_buffer;
+    at::Tensor out = as_matrix(prototype_buffer, V, n);
+    gather_into(out, d0, n);
     return out;
   };
 
@@ -387,8 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
         at::mm_out(grad_x_slice, e, prototypes(d0, n));
       }
       if (need_grad_w && one_slice) {
-        at::Tensor dw = dw_buffer;
-        at::addmm_out(dw, dw, e.t(), x_block, b0 == 0 ? 0.0 : 1.0, 1.0);
+        at::addmm_out(dw_buffer, dw_buffer, e.t(), x_block, b0 == 0 ? 0.0 : 1.0, 1.0);
       } else if (need_grad_w) {
         at::Tensor dw = as_matrix(dw_buffer, V, n);
         at::mm_out(dw, e.t(), x_block.narrow(1, d0, n));
@@ -396,11 +430,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
       }
     }
   }
-  if (need_grad_w && one_slice) {
+  if (need_grad_w && in_grad_w) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_spread_rows", [&] {
+      spread_rows<scalar_t>(grad_w.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V);
+    });
+    zero_rows_outside_idx(grad_w);
+  } else if (need_grad_w && one_slice) {  // the dense gradient is the largest tensor at the DINO shape
     prototype_buffer.reset();
     dz_buffer.reset();
     z_buffer.reset();
-    grad_w = dense_grad_w();
+    grad_w = at::empty(W.sizes(), X.options());
+    zero_rows_outside_idx(grad_w);
     write_rows_into(grad_w, 0, dw_buffer, false);
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
