@@ -278,6 +278,36 @@ def test_cpu_temporaries_below_quarter_of_eager():
     assert 0 < temporaries["op"] <= temporaries["eager"] / 4, temporaries
 
 
+@needs_extension_cpu
+@pytest.mark.parametrize("rows_per_block", [None, 40], ids=["one-block", "row-blocks"])
+def test_cpu_one_pass_temporaries_smaller_than_a_logits_block(rows_per_block, monkeypatch):
+    """Where w needs a gradient and its dense [K, D] can hold them, the one-pass kernel keeps w[idx], dZ and
+    the dW rows in that gradient's memory: besides the returned gradients it allocates less than one
+    [rows, V] logits block (a few per-row vectors), with one row block and with several."""
+    if rows_per_block:
+        monkeypatch.setenv("PROTO_CE_CHUNK_ROWS", str(rows_per_block))
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from harness import peak_extra_bytes
+    shape = dict(B=200, D=64, K=3000, V=300)  # V > D: z too lives in the w gradient
+    x, w, idx, labels, s = make_inputs(**shape)
+    leaves = [t.requires_grad_() for t in (x, w, s)]
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    def op_step():
+        proto_cross_entropy(x, w, idx, labels, s).backward()
+
+    op_step()
+    clear()
+    peak, temporaries = peak_extra_bytes(op_step, clear, "cpu")
+    block_bytes = min(shape["B"], rows_per_block or shape["B"]) * shape["V"] * 4
+    assert temporaries < block_bytes, (temporaries, block_bytes)
+    # what stays allocated after the step: the two gradients and a few scalars, nothing leaked
+    assert peak - temporaries <= (shape["B"] + shape["K"]) * shape["D"] * 4 + 1024, peak
+
+
 def test_zero_scale_gradient_is_finite():
     """d loss / d scale at scale == 0 (uniform softmax) = mean_b (mean_v z_bv - z_b,target)."""
     x, w, idx, labels, _ = make_inputs(**SMALL, dtype=torch.float64)
