@@ -248,33 +248,33 @@ def test_frozen_prototypes_get_no_gradient(chunks, monkeypatch):
     assert rel_err(x.grad, x_ref.grad) < 2e-5 and rel_err(s.grad, s_ref.grad) < 2e-5
 
 
-@needs_extension_cpu
-def test_cpu_temporaries_below_quarter_of_eager():
-    """Memory, not time (issue 3's CPU target, SL shape): what one forward + backward allocates and frees
-    again before it ends (torch.profiler's allocation trace, as in benchmarks/harness.py) is at most a
-    quarter of eager's. Eager's w[idx] alone is [V, D]; the op keeps it, its w gradient rows and its
-    logits in the memory of the gradients it returns."""
+def cpu_step_memory(step, leaves):
+    """(peak extra bytes, peak of the temporaries) of one forward + backward `step` after a warm-up one:
+    torch.profiler's allocation trace, as in benchmarks/harness.py. The leaves' gradients are cleared first."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from harness import peak_extra_bytes
-    x, w, idx, labels, s = make_inputs(B=256, D=1024, K=1000, V=100)
-    target = torch.searchsorted(idx, labels)
-    leaves = [t.requires_grad_() for t in (x, w, s)]
 
     def clear():
         for t in leaves:
             t.grad = None
 
-    def op_step():
-        proto_cross_entropy(x, w, idx, labels, s).backward()
+    step()
+    clear()
+    return peak_extra_bytes(step, clear, "cpu")
 
-    def eager_step():
-        proto_ce.reference_loss_from_positions(x, w, idx, target, s).backward()
 
-    temporaries = {}
-    for name, step in (("op", op_step), ("eager", eager_step)):
-        step()  # warm-up
-        clear()
-        temporaries[name] = peak_extra_bytes(step, clear, "cpu")[1]
+@needs_extension_cpu
+def test_cpu_temporaries_below_quarter_of_eager():
+    """Memory, not time (issue 3's CPU target, SL shape): what one forward + backward allocates and frees
+    again before it ends is at most a quarter of eager's. Eager's w[idx] alone is [V, D]; the op keeps it,
+    its w gradient rows and its logits in the memory of the gradients it returns."""
+    x, w, idx, labels, s = make_inputs(B=256, D=1024, K=1000, V=100)
+    target = torch.searchsorted(idx, labels)
+    leaves = [t.requires_grad_() for t in (x, w, s)]
+    temporaries = {
+        "op": cpu_step_memory(lambda: proto_cross_entropy(x, w, idx, labels, s).backward(), leaves)[1],
+        "eager": cpu_step_memory(lambda: proto_ce.reference_loss_from_positions(x, w, idx, target, s).backward(),
+                                 leaves)[1]}
     assert 0 < temporaries["op"] <= temporaries["eager"] / 4, temporaries
 
 
@@ -286,22 +286,10 @@ def test_cpu_one_pass_temporaries_smaller_than_a_logits_block(rows_per_block, mo
     [rows, V] logits block (a few per-row vectors), with one row block and with several."""
     if rows_per_block:
         monkeypatch.setenv("PROTO_CE_CHUNK_ROWS", str(rows_per_block))
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from harness import peak_extra_bytes
     shape = dict(B=200, D=64, K=3000, V=300)  # V > D: z too lives in the w gradient
     x, w, idx, labels, s = make_inputs(**shape)
     leaves = [t.requires_grad_() for t in (x, w, s)]
-
-    def clear():
-        for t in leaves:
-            t.grad = None
-
-    def op_step():
-        proto_cross_entropy(x, w, idx, labels, s).backward()
-
-    op_step()
-    clear()
-    peak, temporaries = peak_extra_bytes(op_step, clear, "cpu")
+    peak, temporaries = cpu_step_memory(lambda: proto_cross_entropy(x, w, idx, labels, s).backward(), leaves)
     block_bytes = min(shape["B"], rows_per_block or shape["B"]) * shape["V"] * 4
     assert temporaries < block_bytes, (temporaries, block_bytes)
     # what stays allocated after the step: the two gradients and a few scalars, nothing leaked
