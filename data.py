@@ -1997,9 +1997,8 @@ def data_difference(saved, now):
     ids, saved_ids = now["imagenet_ids"], saved["imagenet_ids"]
     if len(names) != len(saved_names):
         return f"other classes ({len(names)} now, {len(saved_names)} then)"
-    differing = [i for i in range(len(names)) if names[i] != saved_names[i] or ids[i] != saved_ids[i]]
-    if differing:
-        i = differing[0]
+    i = next((i for i in range(len(names)) if names[i] != saved_names[i] or ids[i] != saved_ids[i]), None)
+    if i is not None:
         if names[i] != saved_names[i]:
             return f"other classes (class {i} is {names[i]!r} now, {saved_names[i]!r} then)"
         return f"other classes (class {i}, {names[i]!r}, has ImageNet id {ids[i]} now, {saved_ids[i]} then)"
@@ -2097,7 +2096,8 @@ def _out_of_memory(error):
     numpy."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return "can't allocate memory" in str(error) or "not enough memory" in str(error)
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text
 
 
 def run_cli(main):

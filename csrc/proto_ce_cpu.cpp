@@ -430,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
       }
     }
   }
-  if (need_grad_w && in_grad_w) {
+  if (in_grad_w) {
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_spread_rows", [&] {
       spread_rows<scalar_t>(grad_w.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V);
     });
