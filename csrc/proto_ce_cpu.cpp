@@ -343,6 +343,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
       zero_rows_outside<scalar_t>(dense.data_ptr<scalar_t>(), K, D, id.data_ptr<int64_t>(), V);
     });
   };
+  auto dense_grad_w = [&] {  // [K, D] with the rows outside idx zeroed; the idx rows are written later
+    at::Tensor dense = at::empty(W.sizes(), X.options());
+    zero_rows_outside_idx(dense);
+    return dense;
+  };
   auto write_rows_into = [&](at::Tensor& dense, int64_t d0, const at::Tensor& rows, bool accumulate) {
     AT_DISPATCH_FLOATING_TYPES(acc, "proto_ce_write_rows", [&] {
       write_rows<scalar_t>(dense.data_ptr<scalar_t>(), D, id.data_ptr<int64_t>(), V, d0, rows.size(1),
@@ -372,10 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     // with several slices, each block's dW slice lands in the slice buffer once dx is done and is added
     // to the dense gradient right away; with one, dW is summed over the blocks by the matmul itself
     // (beta = 1) and written into the dense gradient after the blocks, once the block buffers are freed
-    if (need_grad_w && !one_slice) {
-      grad_w = at::empty(W.sizes(), X.options());
-      zero_rows_outside_idx(grad_w);
-    }
+    if (need_grad_w && !one_slice) grad_w = dense_grad_w();
     prototype_buffer = at::empty({V, Dc}, X.options());
     dw_buffer = need_grad_w && one_slice ? at::empty({V, D}, X.options()) : prototype_buffer;
     dz_buffer = at::empty({Bb, V}, X.options());
@@ -439,8 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xent_fused_cpu(
     prototype_buffer.reset();
     dz_buffer.reset();
     z_buffer.reset();
-    grad_w = at::empty(W.sizes(), X.options());
-    zero_rows_outside_idx(grad_w);
+    grad_w = dense_grad_w();
     write_rows_into(grad_w, 0, dw_buffer, false);
   }
   const at::Tensor loss = row_loss.sum().mul_(row_weight);
