@@ -25,6 +25,7 @@ open_clip.create_model_and_transforms(MODEL, pretrained="runs/clip/checkpoint.pt
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -45,12 +46,13 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 import metrics
-from data import (ArgumentParser, LongTailData, RunDir, add_data_args, all_gather_cat, check_batch_split,
-                  check_finite, check_run_folder, data_flag_names, eval_image_folder, eval_loader, frequency_profile,
-                  gather_eval, imagenet_classnames, imagenet_synonyms, init_distributed, load_checkpoint,
-                  load_data, profile_table_path, read_frequency_table, rng_state, run_cli, save_checkpoint,
-                  seed_everything, select_classes, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags,
-                  write_json)
+from classes import (frequency_profile, imagenet_classnames, imagenet_synonyms, profile_table_path,
+                     read_frequency_table, select_classes)
+from data import add_data_args, data_flag_names, data_identity, load_data
+from runtime import (ArgumentParser, RunDir, all_gather_cat, check_batch_split, check_finite, check_run_folder,
+                     eval_loader, gather_eval, init_distributed, load_checkpoint, rng_state, run_cli, save_checkpoint,
+                     seed_everything, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags, write_json)
+from sources import LongTailData, eval_image_folder
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
 # 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -210,6 +212,19 @@ def read_weights(path, reader=load_state_dict, **kwargs):
         raise ValueError(f"--text-init {path}: cannot read its weights ({str(e).splitlines()[0]})") from None
 
 
+def randomly_initialised_model(name, **kwargs):
+    """open_clip.create_model without pretrained weights, which is what this script asks for (weights of a
+    text tower or a checkpoint are loaded afterwards): open_clip's warning that none were loaded is dropped."""
+    expected = logging.Filter()
+    expected.filter = lambda record: not record.getMessage().startswith("No pretrained weights loaded for model")
+    root = logging.getLogger()
+    root.addFilter(expected)
+    try:
+        return open_clip.create_model(name, **kwargs)
+    finally:
+        root.removeFilter(expected)
+
+
 def build_model(args, device):
     """An open_clip CLIP model from scratch (Sec. 3.2), its text tower optionally initialised from
     pre-trained weights and frozen or fine-tuned (Sec. 3.5, Appx. C.4). Returns (model, quick_gelu)."""
@@ -230,8 +245,8 @@ def build_model(args, device):
             path = cached_pretrained_file(name, tag)
             quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
         text_state = {k: v for k, v in read_weights(path).items() if is_text_key(k)}
-    model = open_clip.create_model(args.model, force_image_size=args.image_size, force_quick_gelu=quick_gelu,
-                                   device=device)
+    model = randomly_initialised_model(args.model, force_image_size=args.image_size, force_quick_gelu=quick_gelu,
+                                       device=device)
     if text_state is not None:
         own = {k: v for k, v in model.state_dict().items() if is_text_key(k)}
         wrong = [k for k in own if k not in text_state or text_state[k].shape != own[k].shape]
@@ -480,8 +495,8 @@ def evaluate_checkpoint(args, dist):
     args.model, args.image_size = state["model_name"], state["image_size"]
     if dist.is_main and "args" in state:  # the test set and frequencies come from the data flags given now
         warn_changed_flags(json.loads(json.dumps(state["args"], default=str)), args, path, keys=data_flag_names())
-    model = open_clip.create_model(args.model, force_image_size=args.image_size,
-                                   force_quick_gelu=state["quick_gelu"], device=dist.device)
+    model = randomly_initialised_model(args.model, force_image_size=args.image_size,
+                                       force_quick_gelu=state["quick_gelu"], device=dist.device)
     model.load_state_dict(state["state_dict"])
     data = load_data(args)
     evaluate_and_write(model, open_clip.get_tokenizer(args.model), data, class_frequencies(data, args.freq_table),
@@ -503,16 +518,17 @@ def main(argv=None):
         raise ValueError(f"--image-size must be >= 32 (the image towers downsample 32x), got {args.image_size}")
     check_batch_split(args.batch_size, dist)
     check_run_folder(args.out, args.resume)
+    data = load_data(args)  # bad data flags fail before the model is built
     seed_everything(args.seed)  # same initial weights on every rank
     model, quick_gelu = build_model(args, dist.device)
-    data = load_data(args)
     steps_per_epoch = len(data.train) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training samples")
     if args.warmup >= args.epochs * steps_per_epoch and dist.is_main:
         print(f"warning: --warmup {args.warmup} is not shorter than the run's {args.epochs * steps_per_epoch} "
               "steps: the learning rate never reaches --lr", file=sys.stderr)
-    run = RunDir(args.out, args, dist, resume=args.resume, data=data)  # its folder once the inputs are known to be good
+    # its folder is made once the inputs are known to be good
+    run = RunDir(args.out, args, dist, resume=args.resume, identity=data_identity(data))
     tokenizer = open_clip.get_tokenizer(args.model)
     optimizer = adamw(model, args)
     scheduler = cosine_schedule(optimizer, args.warmup, args.epochs * steps_per_epoch)

@@ -27,7 +27,6 @@ import copy
 import math
 import os
 import time
-import warnings
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning threads
 # made this run ~8x slower (measured on a 2-core machine running other jobs). Set it to override.
@@ -38,13 +37,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet  # noqa: E402
-from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import metrics  # noqa: E402
 import proto_ce  # noqa: E402
+import runtime  # noqa: E402
+import sources  # noqa: E402
 
 # Appx. D.2 (the paper's DINO recipe; unlisted values are DINO's defaults) and a scaled-down default that
 # trains the embedded synthetic world, probe included, in under 10 minutes on a 2-core CPU.
@@ -62,12 +62,6 @@ RECIPES = {
 # CLIP's modified ResNet (open_clip): RN50 for the paper recipe, a small one for 32 px images.
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
           "rn-small": dict(layers=[1, 1, 1, 1], width=16, output_dim=256)}
-# Downstream sets real_transfer_splits reads (torchvision layouts), and each one's linear-probe metric
-# (ssl-transfer's choices, which the paper's Table 2 follows; top-1 where not listed)
-TRANSFER_SETS = ("cifar10", "cifar100", "dtd", "flowers102", "food101", "oxford_pets", "stanford_cars", "fgvc_aircraft",
-                 "caltech101", "sun397", "voc2007")
-PROBE_METRICS = {"fgvc_aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers102": "mean_per_class",
-                 "oxford_pets": "mean_per_class", "voc2007": "map11"}
 
 
 def _pair(text):
@@ -78,7 +72,7 @@ def _pair(text):
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(description="DINO with prototype subsampling and linear-probe transfer (Sec. 4.2)")
+    p = runtime.ArgumentParser(description="DINO with prototype subsampling and linear-probe transfer (Sec. 4.2)")
     p.add_argument("--out", default="runs/dino_tail", help="run directory (args.json, log.jsonl, final.json, ...)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and prototype draws")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="paper = Appx. D.2")
@@ -177,44 +171,11 @@ def parse_args(argv=None):
 
 
 def transfer_tasks(args):
-    """The --transfer list: synthetic-world tasks (novel, seen) with --data synthetic, real sets otherwise."""
-    synthetic = args.data == "synthetic"
-    text = args.transfer or ("novel,seen" if synthetic else "none")
-    tasks = [] if text == "none" else [t.strip() for t in text.split(",") if t.strip()]
-    if synthetic and args.transfer_root is not None:
-        raise ValueError("--transfer-root holds real transfer sets, which need --data other than synthetic (the "
-                         "synthetic world's tasks are novel and seen)")
-    for task in tasks:
-        if synthetic and task not in ("novel", "seen"):
-            raise ValueError(f"--transfer {task}: a real data set needs --data other than synthetic (the synthetic "
-                             "world's tasks are novel and seen)")
-        if not synthetic and task in ("novel", "seen"):
-            raise ValueError(f"--transfer {task}: a synthetic-world task needs --data synthetic")
-        if not synthetic and not task.startswith("folder:"):
-            if task not in TRANSFER_SETS:
-                raise ValueError(f"--transfer {task}: unknown data set; use {', '.join(TRANSFER_SETS)} or folder:PATH")
-            if args.transfer_root is None:
-                raise ValueError(f"--transfer {task} needs --transfer-root (the folder holding {task}/)")
+    """The --transfer list, checked (synthetic-world tasks novel and seen, or real sets under --transfer-root)."""
+    tasks = sources.transfer_task_names(args.transfer, args.data == "synthetic", args.transfer_root)
     if "novel" in tasks and not 1 <= args.probe_classes <= 1000:
         raise ValueError(f"--probe-classes must be in [1, 1000], got {args.probe_classes}")
     return tasks
-
-
-def check_transfer_folders(tasks, args, dist):
-    """Every real transfer set's folder exists and its split files read: checked before pre-training."""
-    for task in tasks:
-        if task.startswith("folder:"):
-            path = task[len("folder:"):]
-            if not all(os.path.isdir(os.path.join(path, split)) for split in ("train", "test")):
-                raise FileNotFoundError(f"--transfer {task}: expected ImageFolders {path}/train and {path}/test")
-        elif task in TRANSFER_SETS and not os.path.isdir(os.path.join(args.transfer_root, task)):
-            raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(args.transfer_root, task)}")
-        elif task in SPLIT_FILES and listed_split_files(task, os.path.join(args.transfer_root, task)):
-            real_transfer_splits(task, args.transfer_root, None)  # reads the split files, checks their images
-        elif task in SPLIT_FILES and dist.is_main:
-            warnings.warn(f"--transfer {task}: no split files under {os.path.join(args.transfer_root, task)} "
-                          f"({' or '.join(train for train, _ in SPLIT_FILES[task][1])}, ...): a seeded 80/20 split "
-                          "of the whole set is used, so the score is not comparable with Table 2's")
 
 
 # ---- Model: CLIP's ModifiedResNet + DINO head -----------------------------------------------------------
@@ -362,8 +323,8 @@ def photometric_augment(x, params):
     x = torch.where(col(5) > 0, _gray(x).expand_as(x), x)
     x = gaussian_blur(x, params[:, 6])
     x = torch.where((col(7) > 0) & (x >= 0.5), 1 - x, x)
-    mean = torch.tensor(data.CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(data.CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(sources.CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(sources.CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -493,95 +454,22 @@ def count_distinct_prototypes(prototypes, eps=0.025, chunk=4096):
 def prototype_utilisation(model, center, dataset, args, dist):
     """Teacher argmax winners over `dataset` (images without augmentation) and distinct prototypes."""
     model.eval()
-    loader = data.eval_loader(dataset, 256, dist, args.workers)
+    loader = runtime.eval_loader(dataset, 256, dist, args.workers)
     winners = []
     w = model.head.normalised_prototypes()
     for images, *_ in loader:
         emb = model.head(model.backbone(images.to(dist.device)))
         winners.append(((emb @ w.T) - center).argmax(dim=1))
     winners = torch.cat(winners) if winners else torch.zeros(0, dtype=torch.long, device=dist.device)
-    (winners,) = data.gather_eval(loader.shard, dist, winners)
+    (winners,) = runtime.gather_eval(loader.shard, dist, winners)
     return dict(argmax_winners=count_argmax_winners(winners, len(w)),
                 distinct_prototypes=count_distinct_prototypes(w, args.utilisation_eps), prototypes=len(w))
 
 
 # ---- Linear-probe transfer (Appx. D.3) -------------------------------------------------------------------
-# As in ssl-transfer (the paper's evaluation code): frozen features, l2-regularised multinomial logistic
-# regression fitted with L-BFGS, minimising  sum_i CE_i + (lambda / 2) ||W||^2  (bias not regularised;
-# lambda = 1 / C of scikit-learn), lambda chosen from 45 log-spaced values in [1e-6, 1e5] on a validation
-# split, then refitted on train + val. Multi-label sets (VOC2007): one-vs-rest logistic regressions, 11-point mAP.
-
-REGULARISATION_GRID = np.logspace(-6, 5, 45)
-
-
-def fit_logistic_regression(x, y, num_classes, l2, multilabel=False, init=None, max_iter=200, tol=1e-7):
-    """Returns (W [F, C], b [C]) minimising mean loss + l2 / (2N) ||W||^2 (same minimiser as the sum form);
-    stops when the largest gradient entry of that mean objective is below tol, or after max_iter iterations."""
-    x = x.double()
-    n = len(x)
-    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
-    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-    target = y.double() if multilabel else y
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
-                            tolerance_change=0, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logits = x @ w + b
-        if multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
-        else:
-            loss = F.cross_entropy(logits, target)
-        loss = loss + l2 / (2 * n) * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
-def eleven_point_ap(scores, positives):
-    """PASCAL VOC 2007 average precision: mean over recall levels 0, 0.1, ..., 1 of the best precision at
-    recall >= level (precision/recall at every distinct score threshold)."""
-    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
-    order = np.argsort(-scores, kind="stable")
-    scores, positives = scores[order], positives[order]
-    last = np.r_[np.flatnonzero(np.diff(scores) != 0), len(scores) - 1]  # end of each tie group
-    tp = np.cumsum(positives)[last]
-    precision, recall = tp / (last + 1), tp / max(positives.sum(), 1)
-    return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                          for t in np.linspace(0, 1, 11)]))
-
-
-def probe_scores(x, y, w, b, num_classes, metric):
-    """top1, mean per-class accuracy (single-label) or 11-point mAP (multi-label); 'score' = the task's metric."""
-    logits = x.double() @ w + b
-    if metric == "map11":
-        aps = [eleven_point_ap(logits[:, c].cpu().numpy(), y[:, c].cpu().numpy()) for c in range(num_classes)]
-        return dict(map11=float(np.mean(aps)), score=float(np.mean(aps)))
-    preds = logits.argmax(dim=1).cpu().numpy()
-    labels = y.cpu().numpy()
-    top1 = float((preds == labels).mean())
-    mean_per_class = float(np.nanmean(metrics.per_class_accuracy(preds, labels, num_classes)))
-    return dict(top1=top1, mean_per_class=mean_per_class, score=mean_per_class if metric == "mean_per_class" else top1)
-
-
-def select_regularisation(x_train, y_train, x_val, y_val, num_classes, metric, grid=REGULARISATION_GRID,
-                          max_iter=200, tol=1e-7):
-    """The lambda of `grid` with the best validation score (first one on ties, ascending as ssl-transfer);
-    warm-started fits along the grid. Only the train and validation splits are seen here."""
-    multilabel = metric == "map11"
-    best, scores, init = None, [], None
-    for l2 in grid:
-        init = fit_logistic_regression(x_train, y_train, num_classes, float(l2), multilabel, init, max_iter, tol)
-        score = probe_scores(x_val, y_val, *init, num_classes, metric)["score"]
-        scores.append(score)
-        if best is None or score > best[1]:
-            best = (float(l2), score)
-    return best[0], scores
-
+# As in ssl-transfer (the paper's evaluation code): frozen features, l2-regularised logistic regression
+# (metrics.fit_logistic_regression, L-BFGS), lambda chosen from 45 log-spaced values in [1e-6, 1e5] on a
+# validation split, then refitted on train + val. Multi-label sets (VOC2007): one-vs-rest, 11-point mAP.
 
 @contextlib.contextmanager
 def _one_cpu_thread(task):
@@ -600,10 +488,10 @@ def linear_probe(task, max_iter):
     """Select lambda on (train, val), refit on train + val, score on test."""
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = task["train"], task["val"], task["test"]
     c, metric = task["num_classes"], task["metric"]
-    l2, val_scores = select_regularisation(x_tr, y_tr, x_val, y_val, c, metric, max_iter=max_iter)
-    w, b = fit_logistic_regression(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]), c, l2, metric == "map11",
+    l2, val_scores = metrics.select_regularisation(x_tr, y_tr, x_val, y_val, c, metric, max_iter=max_iter)
+    w, b = metrics.fit_logistic_regression(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]), c, l2, metric == "map11",
                                    max_iter=max_iter)
-    result = probe_scores(x_te, y_te, w, b, c, metric)
+    result = metrics.probe_scores(x_te, y_te, w, b, c, metric)
     result.update(metric=metric, l2=l2, best_val=max(val_scores), classes=c, train=len(x_tr), val=len(x_val),
                   test=len(x_te))
     return result, (x_te.double() @ w + b)
@@ -613,21 +501,14 @@ def linear_probe(task, max_iter):
 def extract_features(backbone, dataset, dist, workers, batch_size=256):
     """Frozen backbone features (attention-pool output) and labels of a dataset, in dataset order, all ranks."""
     backbone.eval()
-    loader = data.eval_loader(dataset, batch_size, dist, workers)
+    loader = runtime.eval_loader(dataset, batch_size, dist, workers)
     feats, labels = [], []
     for images, targets, *_ in loader:
         feats.append(backbone(images.to(dist.device)).float())
         labels.append(torch.as_tensor(targets).to(dist.device))
     feats = torch.cat(feats) if feats else torch.zeros(0, backbone.output_dim, device=dist.device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dist.device)
-    return data.gather_eval(loader.shard, dist, feats, labels)
-
-
-def _split_validation(n, seed, fraction=0.2):
-    """ssl-transfer's split: a seeded 20% of the training set becomes the validation set."""
-    perm = np.random.default_rng([seed, 5]).permutation(n)
-    cut = int(np.floor(fraction * n))
-    return np.sort(perm[cut:]), np.sort(perm[:cut])
+    return runtime.gather_eval(loader.shard, dist, feats, labels)
 
 
 def novel_probe_classes(data_seed, count):
@@ -649,18 +530,8 @@ def novel_classes_left(args, pretrain):
 def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform):
     """Tasks from the synthetic world: 'seen' = the pre-training classes on a balanced, freshly rendered set;
     'novel' = ImageNet classes the pre-training never saw, drawn by the data seed (same rendering rules)."""
-    opts = data.add_data_args(argparse.ArgumentParser()).parse_args([])  # flag defaults, then the world's look
-    for key in ("data_seed", "diversity", "image_size", "world_head", "cache_dir", "captions"):
-        setattr(opts, key, getattr(args, key))
-    opts.profile = "uniform"
-    opts.num_test_per_class = args.probe_test_per_class
-    if name == "seen":
-        opts.classes = args.classes
-    else:
-        opts.classes = ",".join(str(i) for i in novel_probe_classes(args.data_seed, args.probe_classes))
-    probe_classes = data.select_classes(opts.classes)
-    opts.num_train = args.probe_train_per_class * len(probe_classes)
-    world = data.load_data(opts, train_transform=eval_transform, test_transform=eval_transform)
+    drawn = args.classes if name == "seen" else ",".join(map(str, novel_probe_classes(args.data_seed, args.probe_classes)))
+    world = data.balanced_world(args, drawn, args.probe_train_per_class, args.probe_test_per_class, eval_transform)
     x_train, y_train = extract_features(backbone, world.train, dist, args.workers)
     x_test, y_test = extract_features(backbone, world.test, dist, args.workers)
     keep = np.arange(len(world.classnames))
@@ -671,31 +542,11 @@ def synthetic_transfer_task(name, args, pretrain, dist, backbone, eval_transform
     y_train, y_test = remap[y_train.cpu()], remap[y_test.cpu()]
     x_train, x_test = x_train.cpu()[y_train >= 0], x_test.cpu()[y_test >= 0]
     y_train, y_test = y_train[y_train >= 0], y_test[y_test >= 0]
-    tr, val = _split_validation(len(y_train), args.seed)
+    tr, val = sources.seeded_split(len(y_train), args.seed)
     names = [world.classnames[c] for c in keep]
     counts = (pretrain.train_counts if name == "seen" else np.zeros(len(keep), dtype=np.int64))
     return dict(name=name, num_classes=len(keep), metric="top1", classnames=names, pretrain_counts=counts,
                 train=(x_train[tr], y_train[tr]), val=(x_train[val], y_train[val]), test=(x_test, y_test))
-
-
-class _MultiHotVOC(torch.utils.data.Dataset):
-    """torchvision's VOCDetection as (image, 20-d multi-hot) items (VOC2007 classification)."""
-    CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        image, target = self.base[i]
-        objects = target["annotation"]["object"]
-        hot = torch.zeros(len(self.CLASSES))
-        for obj in objects if isinstance(objects, list) else [objects]:
-            hot[self.CLASSES.index(obj["name"])] = 1
-        return image, hot
 
 
 def _rgb(image):
@@ -708,153 +559,25 @@ def probe_transform(args):
     centre-cropped and made RGB (Caltech101 holds greyscale images)."""
     size = args.probe_image_size or args.global_size
     if args.data == "synthetic":  # uint8 tensors rendered at 32 or 64 px
-        _, normalize = data.default_transforms(args.image_size or 32, tensor_images=True)
+        _, normalize = sources.default_transforms(args.image_size or 32, tensor_images=True)
         rendered = args.image_size or 32
         return normalize if size == rendered else T.Compose([T.Resize(size, antialias=True), normalize])
     return T.Compose([T.Lambda(_rgb), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])
-
-
-def real_transfer_splits(name, root, transform):
-    """(train, val or None, test) datasets of a downstream set found under root (never downloaded)."""
-    from torchvision import datasets as D
-    if name.startswith("folder:"):  # (check_transfer_folders found train/ and test/)
-        path = name[len("folder:"):]
-        split = lambda s: D.ImageFolder(os.path.join(path, s), transform) if os.path.isdir(os.path.join(path, s)) else None
-        return split("train"), split("val"), split("test")
-    where = os.path.join(root, name)
-    kw = dict(root=where, transform=transform, download=False)
-    if name in ("cifar10", "cifar100"):
-        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
-        return cls(train=True, **kw), None, cls(train=False, **kw)
-    if name in ("dtd", "flowers102", "fgvc_aircraft"):
-        cls = {"dtd": D.DTD, "flowers102": D.Flowers102, "fgvc_aircraft": D.FGVCAircraft}[name]
-        return cls(split="train", **kw), cls(split="val", **kw), cls(split="test", **kw)
-    if name in ("food101", "stanford_cars"):
-        cls = D.Food101 if name == "food101" else D.StanfordCars
-        return cls(split="train", **kw), None, cls(split="test", **kw)
-    if name == "oxford_pets":
-        return D.OxfordIIITPet(split="trainval", **kw), None, D.OxfordIIITPet(split="test", **kw)
-    if name == "voc2007":
-        voc = lambda s: _MultiHotVOC(D.VOCDetection(root=where, year="2007", image_set=s, transform=transform))
-        return voc("train"), voc("val"), voc("test")
-    if name in ("caltech101", "sun397"):
-        listed = listed_split_files(name, where)
-        if listed:  # ssl-transfer's splits, which Table 2 used
-            image_root, train_file, test_file = listed
-            read = read_caltech101_split if name == "caltech101" else read_sun397_split
-            train_items, classes = read(train_file)
-            test_items, _ = read(test_file, classes)
-            return (_ListedImages(image_root, train_items, classes, transform), None,
-                    _ListedImages(image_root, test_items, classes, transform))
-        full = D.Caltech101(target_type="category", **kw) if name == "caltech101" else D.SUN397(**kw)
-        tr, te = _split_validation(len(full), 0)
-        return torch.utils.data.Subset(full, tr), None, torch.utils.data.Subset(full, te)
-    raise AssertionError(f"--transfer {name}: not in TRANSFER_SETS")
-
-
-# Caltech101 and SUN397 come without a train / test split in torchvision. ssl-transfer (whose protocol Table 2
-# follows) reads split files: its caltech101-splits/{train,test}.txt ('Class/image_0001.jpg LABEL', the
-# background class included; its readme puts them beside the images) and SUN397's official partition 01
-# (Training_01.txt / Testing_01.txt, '/a/abbey/sun_x.jpg').
-SPLIT_FILES = {  # NAME: (image folder, [(train file, test file), ...]), all under --transfer-root/NAME
-    "caltech101": ("caltech101/101_ObjectCategories", [("caltech101-splits/train.txt", "caltech101-splits/test.txt"),
-                                                        ("train.txt", "test.txt")]),
-    "sun397": ("SUN397", [("Training_01.txt", "Testing_01.txt"), ("SUN397/Training_01.txt", "SUN397/Testing_01.txt")]),
-}
-
-
-def listed_split_files(name, where):
-    """(image folder, train file, test file) under `where` if a pair of SPLIT_FILES exists there, else None."""
-    images, pairs = SPLIT_FILES[name]
-    for train, test in pairs:
-        if os.path.isfile(os.path.join(where, train)) and os.path.isfile(os.path.join(where, test)):
-            if not os.path.isdir(os.path.join(where, images)):
-                raise FileNotFoundError(f"--transfer {name}: split files found but no image folder "
-                                        f"{os.path.join(where, images)}")
-            return os.path.join(where, images), os.path.join(where, train), os.path.join(where, test)
-    return None
-
-
-def _split_lines(path):
-    """(line number, stripped line) of a split file's non-empty lines; an empty file is an error."""
-    with open(path, encoding="utf-8-sig") as f:
-        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
-    if not lines:
-        raise ValueError(f"{path}: no images listed")
-    return lines
-
-
-def read_caltech101_split(path, classes=None):
-    """ssl-transfer's 'Class/image_0001.jpg LABEL' lines -> ([(path, label)], class names by label). A label
-    is named by its image folder; the test file must use the training file's label of every folder."""
-    rows = []
-    for number, line in _split_lines(path):
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit() or "/" not in parts[0]:
-            raise ValueError(f"{path}, line {number}: expected 'Class/image.jpg LABEL', got {line!r}")
-        rows.append((parts[0], int(parts[1])))
-    if classes is None:
-        folder = {}
-        for p, label in rows:
-            if folder.setdefault(label, p.split("/")[0]) != p.split("/")[0]:
-                raise ValueError(f"{path}: label {label} is used for folders {folder[label]} and {p.split('/')[0]}")
-        classes = [folder.get(c, str(c)) for c in range(max(folder) + 1)]
-    wrong = [(p, label) for p, label in rows if label >= len(classes) or classes[label] != p.split("/")[0]]
-    if wrong:
-        raise ValueError(f"{path}: {len(wrong)} lines disagree with the training file's labels, e.g. {wrong[0]}")
-    return rows, classes
-
-
-def read_sun397_split(path, classes=None):
-    """SUN397 partition lines '/b/bakery/shop/sun_x.jpg' -> ([(path, label)], classes): the class is the
-    line's folder ('bakery/shop'); labels index the training file's sorted classes."""
-    rows = []
-    for number, line in _split_lines(path):
-        folder = os.path.dirname(line.lstrip("/"))
-        if "/" not in folder:
-            raise ValueError(f"{path}, line {number}: expected '/l/class/image.jpg', got {line!r}")
-        rows.append((line.lstrip("/"), folder.split("/", 1)[1]))
-    classes = classes or sorted({name for _, name in rows})
-    index = {c: k for k, c in enumerate(classes)}
-    unknown = sorted({name for _, name in rows} - set(index))
-    if unknown:
-        raise ValueError(f"{path}: classes {unknown[:3]} are not in the training split")
-    return [(p, index[name]) for p, name in rows], classes
-
-
-class _ListedImages(torch.utils.data.Dataset):
-    """(image, label) of the files a split file lists, relative to `root`; a listed file that is missing is an
-    error naming it (a split from another version of the set would silently shrink it otherwise)."""
-
-    def __init__(self, root, items, classes, transform):
-        missing = [p for p, _ in items if not os.path.isfile(os.path.join(root, p))]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} listed images are not under {root}, e.g. {missing[0]}")
-        self.root, self.items, self.classes, self.transform = root, items, classes, transform
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, label = self.items[i]
-        with Image.open(os.path.join(self.root, path)) as image:
-            image = image.convert("RGB")
-        return self.transform(image) if self.transform else image, label
+                      T.ToTensor(), T.Normalize(sources.CLIP_MEAN, sources.CLIP_STD)])
 
 
 def real_transfer_task(name, args, dist, backbone, transform):
     """A downstream set's features, kept on the run's device (the probe's fits run there)."""
-    train, val, test = real_transfer_splits(name, args.transfer_root, transform)
+    train, val, test = sources.transfer_splits(name, args.transfer_root, transform)
     on_device = lambda tensors: tuple(t.to(dist.device) for t in tensors)
     x_train, y_train = on_device(extract_features(backbone, train, dist, args.workers))
     x_test, y_test = on_device(extract_features(backbone, test, dist, args.workers))
     if val is None:
-        tr, va = (torch.as_tensor(i, device=dist.device) for i in _split_validation(len(y_train), args.seed))
+        tr, va = (torch.as_tensor(i, device=dist.device) for i in sources.seeded_split(len(y_train), args.seed))
         x_val, y_val, x_train, y_train = x_train[va], y_train[va], x_train[tr], y_train[tr]
     else:
         x_val, y_val = on_device(extract_features(backbone, val, dist, args.workers))
-    metric = PROBE_METRICS.get(name, "top1")
+    metric = sources.PROBE_METRICS.get(name, "top1")
     num_classes = y_train.shape[1] if metric == "map11" else int(max(y_train.max(), y_test.max())) + 1
     names = getattr(getattr(train, "dataset", train), "classes", None) or [str(c) for c in range(num_classes)]
     return dict(name=name, num_classes=num_classes, metric=metric, classnames=list(names)[:num_classes],
@@ -866,11 +589,11 @@ def real_transfer_task(name, args, dist, backbone, transform):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = data.init_distributed(args.device, args.amp)
-    data.check_batch_split(args.batch_size, dist)
+    dist = runtime.init_distributed(args.device, args.amp)
+    runtime.check_batch_split(args.batch_size, dist)
     synthetic = args.data == "synthetic"
     tasks = transfer_tasks(args)
-    check_transfer_folders(tasks, args, dist)
+    sources.check_transfer_folders(tasks, args.transfer_root, warn=dist.is_main)
     multi_crop = MultiCropTransform(args.global_scale, args.local_scale, args.local_crops, args.global_size,
                                     args.local_size, args.crop_interpolation)
     eval_transform = probe_transform(args)
@@ -878,10 +601,10 @@ def main(argv=None):
     if "novel" in tasks:
         novel_classes_left(args, longtail)  # checked now, not after pre-training
     train_set = longtail.train  # self-supervised: every image, open-world ones included; labels unused
-    run_dir = data.RunDir(args.out, args, dist, resume=args.resume, data=longtail)
+    run_dir = runtime.RunDir(args.out, args, dist, resume=args.resume, identity=data.data_identity(longtail))
 
-    data.seed_everything(args.seed)
-    raw_model = data.sync_batchnorm(build_model(args), dist).to(dist.device)
+    runtime.seed_everything(args.seed)
+    raw_model = runtime.sync_batchnorm(build_model(args), dist).to(dist.device)
     teacher = copy.deepcopy(raw_model)  # starts as the student; BN in train mode (batch statistics) as in DINO
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -910,7 +633,7 @@ def main(argv=None):
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         center.copy_(state["center"])
-        data.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         start_epoch = state["epoch"]
         if dist.is_main:
             print(f"resumed {args.out} at epoch {start_epoch}")
@@ -918,7 +641,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         train_set.set_epoch(epoch)  # per-sample crops are keyed by (data seed, epoch, index)
-        loader = data.train_loader(train_set, args.batch_size, dist, args.seed, epoch, args.workers)
+        loader = runtime.train_loader(train_set, args.batch_size, dist, args.seed, epoch, args.workers)
         model.train()
         sums = torch.zeros(2, dtype=torch.float64)
         for step, ((crops, params), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -941,7 +664,7 @@ def main(argv=None):
             if dist.world_size > 1:
                 torch.distributed.all_reduce(global_loss)
                 global_loss /= dist.world_size
-            data.check_finite(global_loss, epoch, step)
+            runtime.check_finite(global_loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
@@ -960,7 +683,7 @@ def main(argv=None):
                       teacher_momentum=float(momentum_schedule[it]), voc=len(idx), time=time.time() - start)
         run_dir.log_epoch(record)
         run_dir.save(dict(epoch=epoch + 1, student=raw_model.state_dict(), teacher=teacher.state_dict(),
-                          optimizer=optimizer.state_dict(), center=center, rng=data.rng_state()))
+                          optimizer=optimizer.state_dict(), center=center, rng=runtime.rng_state()))
         if dist.is_main:
             print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} lr {record['lr']:.4g} "
                   f"m {record['teacher_momentum']:.4f} voc {record['voc']} {record['time']:.0f}s")
@@ -992,10 +715,10 @@ def main(argv=None):
                                                features=task["test"][0].cpu(), extra=dict(extra, eval_task=task["name"]))
         else:
             final = dict(extra)
-            data.write_json(os.path.join(args.out, "final.json"), final)
+            runtime.write_json(os.path.join(args.out, "final.json"), final)
         print(f"utilisation: {utilisation['argmax_winners']} argmax winners, {utilisation['distinct_prototypes']} "
               f"distinct of {utilisation['prototypes']} prototypes")
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    runtime.run_cli(main)

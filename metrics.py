@@ -7,7 +7,8 @@ Wen et al., "Generalization Beyond Data Imbalance: A Controlled Study on CLIP fo
     accuracy / prediction count on a balanced test set (Sec. 3.1, Fig. 1b; Pearson variants, Appx. A.1);
   - accuracy per frequency bin (Fig. 15); correlation between two frequency tables (Appx. A.3);
   - neural collapse NC1 / NC2 of features and classifiers (Eq. 1, Sec. 3.3);
-  - cosine affinity between class prototypes (Fig. 9a).
+  - cosine affinity between class prototypes (Fig. 9a);
+  - the linear probe of DINO's transfer evaluation (Appx. D.3, Table 2).
 
 Conventions:
   - accuracies are fractions in [0, 1], not percent;
@@ -32,6 +33,7 @@ import warnings
 import numpy as np
 import scipy.stats
 import torch
+import torch.nn.functional as F
 
 # Eigenvalues of Sigma_B below PINV_RTOL x its largest are treated as zero by the pseudo-inverse.
 # Sigma_B has rank <= C (<= C-1 for balanced classes); float64 rounding leaves ~1e-16 x lambda_max in
@@ -593,7 +595,87 @@ def load_eval(run_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Command line
+# 5. Linear-probe evaluation (Appx. D.3, Table 2), as in ssl-transfer (the paper's evaluation code)
+# --------------------------------------------------------------------------------------------------
+# Frozen features, l2-regularised multinomial logistic regression fitted with L-BFGS, minimising
+# sum_i CE_i + (lambda / 2) ||W||^2 (bias not regularised; lambda = 1 / C of scikit-learn), lambda chosen
+# from REGULARISATION_GRID on a validation split. Multi-label sets (VOC2007): one-vs-rest logistic
+# regressions scored by 11-point mAP.
+
+REGULARISATION_GRID = np.logspace(-6, 5, 45)
+
+
+def fit_logistic_regression(x, y, num_classes, l2, multilabel=False, init=None, max_iter=200, tol=1e-7):
+    """Returns (W [F, C], b [C]) minimising mean loss + l2 / (2N) ||W||^2 (same minimiser as the sum form);
+    stops when the largest gradient entry of that mean objective is below tol, or after max_iter iterations."""
+    x = x.double()
+    n = len(x)
+    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    target = y.double() if multilabel else y
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
+                            tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ w + b
+        if multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
+        else:
+            loss = F.cross_entropy(logits, target)
+        loss = loss + l2 / (2 * n) * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def eleven_point_ap(scores, positives):
+    """PASCAL VOC 2007 average precision: mean over recall levels 0, 0.1, ..., 1 of the best precision at
+    recall >= level (precision/recall at every distinct score threshold)."""
+    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    scores, positives = scores[order], positives[order]
+    last = np.r_[np.flatnonzero(np.diff(scores) != 0), len(scores) - 1]  # end of each tie group
+    tp = np.cumsum(positives)[last]
+    precision, recall = tp / (last + 1), tp / max(positives.sum(), 1)
+    return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                          for t in np.linspace(0, 1, 11)]))
+
+
+def probe_scores(x, y, w, b, num_classes, metric):
+    """top1, mean per-class accuracy (single-label) or 11-point mAP (multi-label); 'score' = the task's metric."""
+    logits = x.double() @ w + b
+    if metric == "map11":
+        aps = [eleven_point_ap(logits[:, c].cpu().numpy(), y[:, c].cpu().numpy()) for c in range(num_classes)]
+        return dict(map11=float(np.mean(aps)), score=float(np.mean(aps)))
+    preds = logits.argmax(dim=1).cpu().numpy()
+    labels = y.cpu().numpy()
+    top1 = float((preds == labels).mean())
+    mean_per_class = float(np.nanmean(per_class_accuracy(preds, labels, num_classes)))
+    return dict(top1=top1, mean_per_class=mean_per_class, score=mean_per_class if metric == "mean_per_class" else top1)
+
+
+def select_regularisation(x_train, y_train, x_val, y_val, num_classes, metric, grid=REGULARISATION_GRID,
+                          max_iter=200, tol=1e-7):
+    """The lambda of `grid` with the best validation score (first one on ties, ascending as ssl-transfer);
+    warm-started fits along the grid. Only the train and validation splits are seen here."""
+    multilabel = metric == "map11"
+    best, scores, init = None, [], None
+    for l2 in grid:
+        init = fit_logistic_regression(x_train, y_train, num_classes, float(l2), multilabel, init, max_iter, tol)
+        score = probe_scores(x_val, y_val, *init, num_classes, metric)["score"]
+        scores.append(score)
+        if best is None or score > best[1]:
+            best = (float(l2), score)
+    return best[0], scores
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Command line
 # --------------------------------------------------------------------------------------------------
 
 def _fmt(x, digits=4):

@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import data  # noqa: E402
+import classes  # noqa: E402
+import runtime  # noqa: E402
 import metrics  # noqa: E402
 
 MISSING = "missing"
@@ -223,7 +224,7 @@ def figure_frequency_profiles(out):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ids = list(range(1000))
     for label, name in FREQ_PROFILES:
-        counts = np.sort(data.frequency_profile(name, ids))[::-1]
+        counts = np.sort(classes.frequency_profile(name, ids))[::-1]
         ax.plot(np.arange(1, len(counts) + 1), np.maximum(counts, 0.5), label=label, lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("class rank (1,000 ImageNet classes)")
@@ -726,9 +727,9 @@ def section_claims(claims):
 def section_fig1(runs, runs_dir):
     ids = list(range(1000))
     rows = []
-    incaps = data.frequency_profile("incaps", ids)
+    incaps = classes.frequency_profile("incaps", ids)
     for label, name in FREQ_PROFILES:
-        c = data.frequency_profile(name, ids)
+        c = classes.frequency_profile(name, ids)
         rows.append([label, f"{int(c.sum()):,}", f"{int(c.max()):,}", f"{int(np.median(c)):,}", f"{int(c.min()):,}",
                      int((c == 0).sum()), f"{metrics.correlation(incaps, c):.3f}"])
     lines = ["## Fig. 1", "", "![Fig. 1a](fig1_frequency_profiles.png)", "",
@@ -893,7 +894,7 @@ def write_report(runs_dir, out, note=None, machine=None):
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(prog="report.py", description="Figures and REPORT.md from run_all.sh's run folders.")
+    p = runtime.ArgumentParser(prog="report.py", description="Figures and REPORT.md from run_all.sh's run folders.")
     p.add_argument("--runs", default="runs/quick", help="folder of run folders <experiment>_s<seed>/")
     p.add_argument("--out", default="report", help="where REPORT.md and the PNG figures go")
     p.add_argument("--note", default=None, help="a sentence added to the header (e.g. the wall time of the runs)")
@@ -912,4 +913,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    runtime.run_cli(main)

@@ -27,9 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 from open_clip.modified_resnet import ModifiedResNet  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import classes  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import proto_ce  # noqa: E402
+import runtime  # noqa: E402
 
 # Appx. C.1 (the paper's SL recipe), and a scaled-down default with the same optimiser, lr rule and
 # schedule shape (LR_STEPS: lr x0.1 at epochs 30, 50, 70 of 90, scaled to --epochs) that trains the embedded synthetic world in
@@ -51,7 +53,7 @@ MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64), "rn-small": dict(layers=[
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(description="Supervised learning with vocabulary subsampling (Sec. 3.3, 4.1)")
+    p = runtime.ArgumentParser(description="Supervised learning with vocabulary subsampling (Sec. 3.3, 4.1)")
     p.add_argument("--out", default="runs/sl_tail", help="run directory (args.json, log.jsonl, final.json, ...)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and vocabulary draws")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="paper = Appx. C.1")
@@ -211,13 +213,13 @@ def iteration_vocabulary(labels, args, weights, dist, epoch, step):
         return torch.arange(len(weights))
     rank = dist.rank
     if args.voc_scope == "global":
-        labels, rank = data.all_gather_cat(labels, dist), 0
+        labels, rank = runtime.all_gather_cat(labels, dist), 0
     return sample_vocabulary(labels, args.voc, weights, vocabulary_generator(args.seed, epoch, step, rank))
 
 
 def check_same_vocabulary(idx, dist):
     """Debug check (CLIP_TAIL_DEBUG=1) that every rank holds the same vocabulary under --voc-scope global."""
-    gathered = data.all_gather_cat(idx, dist).cpu().view(dist.world_size, -1)  # equal lengths if equal sets
+    gathered = runtime.all_gather_cat(idx, dist).cpu().view(dist.world_size, -1)  # equal lengths if equal sets
     if not (gathered == gathered[0]).all():
         raise AssertionError(f"ranks drew different vocabularies: {gathered.tolist()}")
 
@@ -270,7 +272,7 @@ def class_balanced_indices(labels, seed, epoch):
 @torch.no_grad()
 def evaluate(model, dataset, dist, args, log_prior):
     """Features and predictions over all C classes on the balanced test set, in dataset order."""
-    loader = data.eval_loader(dataset, args.eval_batch_size, dist, args.workers)
+    loader = runtime.eval_loader(dataset, args.eval_batch_size, dist, args.workers)
     model.eval()
     features, preds, labels = [], [], []
     for images, y in loader:
@@ -284,7 +286,7 @@ def evaluate(model, dataset, dist, args, log_prior):
         features.append(torch.zeros(0, model.prototypes.shape[1]))
         preds.append(torch.zeros(0, dtype=torch.long))
         labels.append(torch.zeros(0, dtype=torch.long))
-    return data.gather_eval(loader.shard, dist, torch.cat(features), torch.cat(preds), torch.cat(labels))
+    return runtime.gather_eval(loader.shard, dist, torch.cat(features), torch.cat(preds), torch.cat(labels))
 
 
 def affinity_class_sample(num_classes, train_counts, tail_classes, k):
@@ -301,8 +303,8 @@ def affinity_class_sample(num_classes, train_counts, tail_classes, k):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = data.init_distributed(args.device, args.amp)
-    data.check_batch_split(args.batch_size, dist)
+    dist = runtime.init_distributed(args.device, args.amp)
+    runtime.check_batch_split(args.batch_size, dist)
     longtail = data.load_data(args)
     train_set = longtail.train_labelled()  # open-world samples (label -1) have no class to learn (Sec. 3.6)
     num_classes = len(longtail.classnames)
@@ -310,15 +312,15 @@ def main(argv=None):
         raise ValueError(f"--voc {args.voc} is larger than the {num_classes} classes")
     head = None
     if args.head != "learnable":
-        head = data.load_head(args.head_file, longtail.imagenet_ids, longtail.classnames)
+        head = classes.load_head(args.head_file, longtail.imagenet_ids, longtail.classnames)
         if head.shape[0] != num_classes:
             raise ValueError(f"head {args.head_file} has {head.shape[0]} classes, the data has {num_classes}")
     image_size = longtail.test[0][0].shape[-1]
-    run_dir = data.RunDir(args.out, args, dist, resume=args.resume, data=longtail)
+    run_dir = runtime.RunDir(args.out, args, dist, resume=args.resume, identity=data.data_identity(longtail))
 
-    data.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     model = build_model(args, num_classes, image_size, head)
-    model = data.sync_batchnorm(model, dist).to(dist.device)
+    model = runtime.sync_batchnorm(model, dist).to(dist.device)
     raw_model = model
     if dist.world_size > 1:
         # the buffers (BatchNorm statistics, a frozen head) stay identical on every rank (synchronised
@@ -343,7 +345,7 @@ def main(argv=None):
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        data.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         start_epoch, voc_total, steps_total = state["epoch"], state["voc_total"], state["steps_total"]
         if dist.is_main:
             print(f"resumed {args.out} at epoch {start_epoch}")
@@ -353,7 +355,7 @@ def main(argv=None):
         start = time.time()
         train_set.set_epoch(epoch)  # per-sample augmentation is keyed by (data seed, epoch, index)
         indices = class_balanced_indices(train_set.labels, args.seed, epoch) if args.sampler == "class-balanced" else None
-        loader = data.train_loader(train_set, args.batch_size, dist, args.seed, epoch, args.workers, indices=indices)
+        loader = runtime.train_loader(train_set, args.batch_size, dist, args.seed, epoch, args.workers, indices=indices)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         sums = torch.zeros(3, dtype=torch.float64)  # loss, vocabulary size, steps
@@ -370,7 +372,7 @@ def main(argv=None):
             if dist.world_size > 1:  # every rank sees the same value, so a NaN stops all of them together
                 torch.distributed.all_reduce(global_loss)
                 global_loss /= dist.world_size
-            data.check_finite(global_loss, epoch, step)
+            runtime.check_finite(global_loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -388,7 +390,7 @@ def main(argv=None):
                       logit_scale=raw_model.log_logit_scale.exp().item(), time=time.time() - start)
         run_dir.log_epoch(record)
         run_dir.save(dict(epoch=epoch + 1, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                          scheduler=scheduler.state_dict(), rng=data.rng_state(), voc_total=voc_total,
+                          scheduler=scheduler.state_dict(), rng=runtime.rng_state(), voc_total=voc_total,
                           steps_total=steps_total))
         if dist.is_main:
             print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} lr {lr:.4g} "
@@ -424,4 +426,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    runtime.run_cli(main)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import classes  # noqa: E402
 import data  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def train_and_predict(d, epochs, batch_size, lr, seed):
 
 
 def nearest_classes(d, head, k=5):
-    e = data._embeddings(head)[d.imagenet_ids]
+    e = classes._embeddings(head)[d.imagenet_ids]
     sim = e @ e.T
     sim.fill_diagonal_(-2)
     return sim.topk(k, dim=1).indices.numpy()

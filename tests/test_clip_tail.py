@@ -1,7 +1,7 @@
 """Tests of clip_tail.py (issue 7): the contrastive loss against a plain reference (one process, two gloo
 processes with gathered negatives, --local-loss), the zero-shot classifier against a hand computation,
 and whole runs on a tiny synthetic world with the smallest registered model (RN-micro): 1 vs 2 processes,
-kill-and-resume, open_clip loading the checkpoint, the exported head read back by data.load_head (and
+kill-and-resume, open_clip loading the checkpoint, the exported head read back by classes.load_head (and
 sl_tail.py when present), text-tower init/freeze, evaluation only, and clear errors."""
 import json
 import os
@@ -19,7 +19,9 @@ import torch
 import torch.multiprocessing as mp
 
 import clip_tail
+import classes
 import data
+import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "clip_tail.py")
@@ -68,7 +70,7 @@ def clip_loss_and_grads(loss_fn, image, text, scale):
 
 def test_contrastive_loss_one_process_matches_reference():
     image, text, scale = random_batch()
-    loss, g_image, g_text, g_scale = clip_loss_and_grads(clip_tail.contrastive_loss(data.Dist()), image, text, scale)
+    loss, g_image, g_text, g_scale = clip_loss_and_grads(clip_tail.contrastive_loss(runtime.Dist()), image, text, scale)
     assert loss == pytest.approx(reference_clip_loss(image, text, scale), rel=1e-12)
     ref = reference_clip_grads(image, text, scale)
     np.testing.assert_allclose(g_image, ref[0], rtol=1e-10, atol=1e-14)
@@ -80,12 +82,12 @@ def _loss_worker(rank, world_size, port, local_loss, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist = data.init_distributed("cpu")
+    dist = runtime.init_distributed("cpu")
     image, text, scale = random_batch()
     rows = slice(rank * len(image) // world_size, (rank + 1) * len(image) // world_size)
     result = clip_loss_and_grads(clip_tail.contrastive_loss(dist, local_loss), image[rows], text[rows], scale)
     np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.array(result, dtype=object), allow_pickle=True)
-    data.close_distributed()
+    runtime.close_distributed()
 
 
 def _free_port():
@@ -214,11 +216,11 @@ def test_run_outputs(reference_run, world_cache):
     assert [r["epoch"] for r in log] == list(range(EPOCHS))
     assert all(np.isfinite(r["loss"]) for r in log) and log[-1]["loss"] < log[0]["loss"]
     # batch_classes_mean: distinct classes per global batch, recounted here with Python sets over the same
-    # global batches (data.GlobalBatchSampler, one process) and the training labels.
+    # global batches (runtime.GlobalBatchSampler, one process) and the training labels.
     world = load_tiny_data(world_cache)
     counts = []
     for epoch in range(EPOCHS):
-        sampler = data.GlobalBatchSampler(range(len(world.train)), 64, data.Dist(), seed=0, epoch=epoch)
+        sampler = runtime.GlobalBatchSampler(range(len(world.train)), 64, runtime.Dist(), seed=0, epoch=epoch)
         counts += [len({int(world.train.labels[i]) for i in batch} - {-1}) for batch in sampler]
     assert final["batch_classes_mean"] == pytest.approx(np.mean(counts), rel=1e-9)
 
@@ -250,7 +252,7 @@ def test_local_loss_counts_each_process_own_classes(world_cache, tmp_path):
     run_script([*tiny_flags(world_cache), "--epochs", "1", "--local-loss", "--out", str(out)],
                prefix=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     world = load_tiny_data(world_cache)
-    shards = [data.GlobalBatchSampler(range(len(world.train)), 64, data.Dist(rank=r, world_size=2), seed=0)
+    shards = [runtime.GlobalBatchSampler(range(len(world.train)), 64, runtime.Dist(rank=r, world_size=2), seed=0)
               for r in range(2)]
     per_step = [np.mean([len({int(world.train.labels[i]) for i in b} - {-1}) for b in batches])
                 for batches in zip(*shards)]
@@ -304,12 +306,12 @@ def test_checkpoint_loads_in_open_clip(reference_run, world_cache):
 def test_exported_head_reads_back(reference_run, world_cache):
     saved = read_eval(reference_run)
     world = load_tiny_data(world_cache)
-    head = data.load_head(str(reference_run / "head.pt"), world.imagenet_ids, world.classnames)
+    head = classes.load_head(str(reference_run / "head.pt"), world.imagenet_ids, world.classnames)
     np.testing.assert_allclose(head.numpy(), saved["classifier"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.linalg.norm(head.numpy(), axis=1), 1.0, rtol=1e-5)
     # rows are found by class name, whatever the order of the classes in the file
     reversed_names = list(world.classnames)[::-1]
-    np.testing.assert_allclose(data.load_head(str(reference_run / "head.pt"), world.imagenet_ids[::-1],
+    np.testing.assert_allclose(classes.load_head(str(reference_run / "head.pt"), world.imagenet_ids[::-1],
                                               reversed_names).numpy(), saved["classifier"][::-1], rtol=1e-6)
 
 
@@ -327,7 +329,7 @@ def run_in_process(flags, monkeypatch, capsys):
     """clip_tail.py's command line in this process (no interpreter start-up): exit code and stderr."""
     monkeypatch.setattr(sys, "argv", [SCRIPT, *flags])
     try:
-        data.run_cli(lambda: clip_tail.main(flags))
+        runtime.run_cli(lambda: clip_tail.main(flags))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -401,10 +403,10 @@ def test_eval_only_pretrained_on_val_folder(reference_run, tmp_path, monkeypatch
     """Fig. 1b's path: --eval-only --pretrained MODEL:WEIGHTS:FREQ on an ImageNet-style --val-root (wnid
     folders) with no training set; a weight file stands in for a downloaded tag."""
     from PIL import Image
-    ids = data.imagenet100_ids()[:3]
+    ids = classes.imagenet100_ids()[:3]
     rng = np.random.default_rng(0)
     for iid in ids:
-        folder = tmp_path / "val" / data.imagenet_wnids()[iid]
+        folder = tmp_path / "val" / classes.imagenet_wnids()[iid]
         folder.mkdir(parents=True)
         for k in range(2):
             Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")

@@ -1,4 +1,5 @@
-"""data.py: the synthetic world, captions, variants, frequency estimation, real loaders, bad input.
+"""The data modules (data.py, world.py, sources.py, classes.py): the synthetic world, captions, variants,
+frequency estimation, real loaders, bad input.
 
 Small worlds only (a few hundred to a few thousand 32-px images); every check compares with an
 independent computation (scipy, the metadata tables, hand-written cases)."""
@@ -17,7 +18,10 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
+import classes
 import data
+import sources
+import world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,14 +115,14 @@ def test_items_depend_only_on_seed_epoch_index(tmp_path):
 
 @pytest.mark.parametrize("profile", ["incaps", "laionet-0.7", "yfcc15m", "laion400m", "metaclip-400m"])
 def test_counts_follow_profile(profile):
-    ids = data.imagenet100_ids()
-    prof = data.frequency_profile(profile, ids)
+    ids = classes.imagenet100_ids()
+    prof = classes.frequency_profile(profile, ids)
     # independent reading of the metadata table
-    fn = "class_frequency_incaps_imagenet100_ori.txt" if profile == "incaps" else data._profile_files()[profile]
+    fn = "class_frequency_incaps_imagenet100_ori.txt" if profile == "incaps" else classes._profile_files()[profile]
     with open(os.path.join(REPO, "metadata", "freqs", fn)) as f:
         table = np.array([float(line.split("\t")[1]) for line in f])
     assert np.array_equal(prof, table if profile == "incaps" else table[ids])
-    counts = data.scale_counts(prof, 10000)
+    counts = world.scale_counts(prof, 10000)
     assert counts.sum() == 10000
     assert np.array_equal(counts == 0, prof == 0)  # genuine zeros stay zero, no other class is empty
     assert spearmanr(counts, prof).statistic >= 0.95
@@ -126,12 +130,12 @@ def test_counts_follow_profile(profile):
 
 def test_world_counts_and_labels(tmp_path):
     d = small(tmp_path, "--profile", "laionet-0.7")
-    prof = data.frequency_profile("laionet-0.7", d.imagenet_ids)
+    prof = classes.frequency_profile("laionet-0.7", d.imagenet_ids)
     assert np.array_equal(np.bincount(d.train.labels, minlength=100), d.train_counts)
     assert spearmanr(d.train_counts, prof).statistic >= 0.95
     assert np.array_equal(np.bincount(d.test.labels), np.full(100, 5))
-    names = data.imagenet_classnames()
-    assert d.classnames == [names[i] for i in data.imagenet100_ids()]
+    names = classes.imagenet_classnames()
+    assert d.classnames == [names[i] for i in classes.imagenet100_ids()]
 
 
 @pytest.mark.parametrize("shots", [0, 1])
@@ -145,7 +149,7 @@ def test_trim_tail_exact_counts(tmp_path, shots):
     assert np.array_equal(d.train_counts[others], full.train_counts[others])
     assert full.train_counts[tail].max() <= full.train_counts[others].min()  # the least frequent ones
     assert np.array_equal(np.bincount(d.train.labels, minlength=100), d.train_counts)
-    names, counts = data.read_frequency_table(d.freq_table_path)
+    names, counts = classes.read_frequency_table(d.freq_table_path)
     assert names == d.classnames and np.array_equal(counts, d.train_counts)
 
 
@@ -201,7 +205,7 @@ def test_frequency_tables_need_finite_non_negative_counts(table, message, tmp_pa
     path = tmp_path / "freq.txt"
     path.write_text(table)
     with pytest.raises(ValueError, match=re.escape(message)):
-        data.read_frequency_table(str(path))
+        classes.read_frequency_table(str(path))
 
 
 def test_uniform_subset_and_size_match(tmp_path):
@@ -227,7 +231,7 @@ def total_variation(counts, target):
 def test_frequency_matched_resampling(tmp_path):
     """The synthetic world (smaller than the target set): the target's shares of the world's own size."""
     d = small(tmp_path, "--profile", "uniform", "--freq-match", "laionet-0.7")
-    target = data.frequency_profile("laionet-0.7", d.imagenet_ids)
+    target = classes.frequency_profile("laionet-0.7", d.imagenet_ids)
     want = np.minimum(np.round(target / target.sum() * 2000), 20)  # 20 images per class in the uniform world
     assert np.array_equal(d.train_counts, want) and (d.train_counts[target == 0] == 0).all()
     assert d.info["freq_match_distance"] == pytest.approx(total_variation(d.train_counts, target))
@@ -261,7 +265,7 @@ def test_open_world_samples(tmp_path):
 
 def test_template_captions(tmp_path):
     d = small(tmp_path, "--captions", "template")
-    templates = data.caption_templates()
+    templates = classes.caption_templates()
     for i in range(0, 2000, 97):
         y = d.train.labels[i]
         assert d.train[i][2] in {t(d.classnames[y]) for t in templates}
@@ -318,7 +322,7 @@ def test_similar_classes_look_alike(tmp_path):
     means = means - means.mean(0)
     means = means / means.norm(dim=1, keepdim=True)
     img_sim = means @ means.T
-    e = torch.nn.functional.normalize(data.load_head("openclip-vitb32-laion400m", d.imagenet_ids), dim=1)
+    e = torch.nn.functional.normalize(classes.load_head("openclip-vitb32-laion400m", d.imagenet_ids), dim=1)
     e = torch.nn.functional.normalize(e - e.mean(0), dim=1)
     txt_sim = e @ e.T
     off = ~torch.eye(100, dtype=torch.bool)
@@ -349,7 +353,7 @@ def test_lemmatizer():
              "geese": "goose", "mice": "mouse", "glass": "glass", "cactus": "cactus", "species": "species",
              "knives": "knife", "dog": "dog", "bus": "bus", "dishes": "dish"}
     for word, lemma in cases.items():
-        assert data.lemmatize_noun(word) == lemma, word
+        assert classes.lemmatize_noun(word) == lemma, word
 
 
 def test_estimate_class_frequency_hand_written():
@@ -369,19 +373,19 @@ def test_estimate_class_frequency_hand_written():
         "tigers",                                       # 2
         "nothing to see here",                          # none
     ]
-    counts, matches = data.estimate_class_frequency(captions, classnames, synonyms,
+    counts, matches = classes.estimate_class_frequency(captions, classnames, synonyms,
                                                     negatives={"crane": ["construction"]})
     assert matches == [[0], [0, 2], [1], [], [1], [], [3], [4], [4], [2], []]
     assert counts.tolist() == [2, 2, 2, 1, 2]
     with pytest.raises(ValueError, match="unknown class"):
-        data.estimate_class_frequency(captions, classnames, synonyms, negatives={"zebra": ["x"]})
+        classes.estimate_class_frequency(captions, classnames, synonyms, negatives={"zebra": ["x"]})
 
 
 def test_estimated_frequency_of_synthetic_captions_tracks_counts(tmp_path):
     """Appx. B.2 on the synthetic world: counting class mentions in natural captions recovers the
     long-tailed profile (noisily: titles miss the class, tags name other classes)."""
     d = small(tmp_path, "--profile", "laionet-0.7")
-    counts, matches = data.estimate_class_frequency(d.train.captions(), d.classnames, d.synonyms)
+    counts, matches = classes.estimate_class_frequency(d.train.captions(), d.classnames, d.synonyms)
     assert spearmanr(counts, d.train_counts).statistic > 0.8
     hit = np.mean([y in m for y, m in zip(d.train.labels, matches)])
     assert 0.8 < hit < 1.0
@@ -394,7 +398,7 @@ def test_count_freq_cli(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "count-freq", str(f), "--classes", "in1k",
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    names, counts = data.read_frequency_table(str(out))
+    names, counts = classes.read_frequency_table(str(out))
     assert len(names) == 1000 and counts[1] == 2 and counts[0] == 1 and counts.sum() == 3
     r = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "count-freq", str(tmp_path / "nope.txt")],
                        capture_output=True, text=True)
@@ -406,7 +410,7 @@ def test_count_freq_cli(tmp_path):
         r = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "count-freq", str(f), "--classes", "in1k",
                             "--negatives", negatives, "--out", str(out)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        counts = data.read_frequency_table(str(out))[1]
+        counts = classes.read_frequency_table(str(out))[1]
         assert (counts[348], counts[517]) == (ram, crane), negatives
 
 
@@ -414,49 +418,49 @@ def test_count_freq_cli(tmp_path):
 
 
 def test_load_head(tmp_path):
-    ids = data.imagenet100_ids()
+    ids = classes.imagenet100_ids()
     full = torch.load(os.path.join(REPO, "metadata", "heads", "in1k_clip_rn50_wit400m_a+cname.pt"), weights_only=True)
-    w = data.load_head("clip-rn50", ids)
+    w = classes.load_head("clip-rn50", ids)
     assert w.shape == (100, 1024) and w.dtype == torch.float32 and torch.equal(w, full[ids].float())
-    assert data.load_head("roberta", ids).shape == (100, 1024)
-    assert data.load_head("openclip-vitb32-laion400m", ids).shape == (100, 512)
+    assert classes.load_head("roberta", ids).shape == (100, 1024)
+    assert classes.load_head("openclip-vitb32-laion400m", ids).shape == (100, 512)
     own = torch.randn(100, 16)
     torch.save(own, tmp_path / "h.pt")
-    assert torch.equal(data.load_head(str(tmp_path / "h.pt"), ids), own)
+    assert torch.equal(classes.load_head(str(tmp_path / "h.pt"), ids), own)
     torch.save({"prototypes": own[:3], "classnames": ["a", "b", "c"]}, tmp_path / "d.pt")
-    assert torch.equal(data.load_head(str(tmp_path / "d.pt"), [-1, -1], classnames=["c", "a"]), own[[2, 0]])
+    assert torch.equal(classes.load_head(str(tmp_path / "d.pt"), [-1, -1], classnames=["c", "a"]), own[[2, 0]])
     torch.save(torch.randn(7, 16), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"bad\.pt has 7 classes; the data has 100"):
-        data.load_head(str(tmp_path / "bad.pt"), ids)
+        classes.load_head(str(tmp_path / "bad.pt"), ids)
     with pytest.raises(FileNotFoundError, match="nohead"):
-        data.load_head(str(tmp_path / "nohead.pt"), ids)
+        classes.load_head(str(tmp_path / "nohead.pt"), ids)
 
 
 def test_profiles_and_class_sets():
-    names = data.profile_names()
+    names = classes.profile_names()
     for p in ["incaps", "laionet-0.7", "laionet-0.75", "laionet-match-incaps", "yfcc15m", "yfcc15m-cls",
               "laion400m", "laion2b", "metaclip-400m", "cc12m", "incaps-title-only", "uniform"]:
         assert p in names
-        assert len(data.frequency_profile(p, list(range(1000)))) == 1000
+        assert len(classes.frequency_profile(p, list(range(1000)))) == 1000
     with pytest.raises(ValueError, match="unknown frequency profile"):
-        data.frequency_profile("nonesuch", [1, 2])
+        classes.frequency_profile("nonesuch", [1, 2])
     # rand<K>: the authors' create_incaps_subsets.py draw, np.random.seed(42); np.random.choice(1000, K, False)
     # (a RandomState is that same generator, without touching the global one)
     authors = np.random.RandomState(42).choice(1000, 100, replace=False)
-    assert data.select_classes("rand100") == sorted(authors.tolist())
-    assert data.select_classes("rand7:7") == sorted(np.random.RandomState(7).choice(1000, 7, replace=False).tolist())
-    assert len(set(data.select_classes("rand7"))) == 7 and data.select_classes("rand7:7") != data.select_classes("rand7")
-    assert data.select_classes("7,3,999") == [7, 3, 999]
+    assert classes.select_classes("rand100") == sorted(authors.tolist())
+    assert classes.select_classes("rand7:7") == sorted(np.random.RandomState(7).choice(1000, 7, replace=False).tolist())
+    assert len(set(classes.select_classes("rand7"))) == 7 and classes.select_classes("rand7:7") != classes.select_classes("rand7")
+    assert classes.select_classes("7,3,999") == [7, 3, 999]
     for bad in ["in200", "rand0", "rand1001", "rand5:", "rand5:x", "3,3", "1000", "1,,2", "1, 2"]:
         with pytest.raises(ValueError, match="class set"):
-            data.select_classes(bad)
+            classes.select_classes(bad)
 
 
 # ---------------------------------------------------------------- real-data loaders and fixtures
 
 
-WNIDS = data.imagenet_wnids()
-IN100 = data.imagenet100_ids()
+WNIDS = classes.imagenet_wnids()
+IN100 = classes.imagenet100_ids()
 
 
 def png(path, colour=(255, 0, 0), size=12):
@@ -488,7 +492,7 @@ def test_incaps_loader(tmp_path):
     assert x.shape == (3, 8, 8) and y == 1 and c == "title 1 tag t1"
     assert len(d.test) == 6 and sorted(set(d.test.labels)) == [0, 1, 2]
     ow = data.load_data(opts(tmp_path, "--data", "incaps", "--data-root", str(root), "--open-world", "1"))
-    assert ow.open_world_names == [data.imagenet_classnames()[0]] and (ow.train.labels == -1).sum() == 4
+    assert ow.open_world_names == [classes.imagenet_classnames()[0]] and (ow.train.labels == -1).sum() == 4
     # JSON Lines with a malformed line names the line
     (root / "bad.jsonl").write_text(json.dumps(entries[0]) + "\n" + '{"wnid": "n01440764"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
@@ -502,7 +506,7 @@ def test_incaps_loader(tmp_path):
 def test_tsv_labels_by_name_synonym_or_wnid(tmp_path):
     """With all 1,000 classes: a class's own name wins over another class's synonym ('partridge' is also a
     synonym of ruffed grouse), a wnid names its class, and a synonym of several classes is refused."""
-    names, syns, wnids = data.imagenet_classnames(), data.imagenet_synonyms(), data.imagenet_wnids()
+    names, syns, wnids = classes.imagenet_classnames(), classes.imagenet_synonyms(), classes.imagenet_wnids()
     png(str(tmp_path / "img" / "0.png"))
     partridge = names.index("partridge")
     assert any("partridge" in [x.lower() for x in syns[c]] for c in range(partridge))  # an earlier class's synonym
@@ -590,11 +594,11 @@ def test_bad_image_fraction_is_judged_on_the_files_a_worker_reads(tmp_path):
             (tmp_path / f"{k}.png").write_bytes(b"not a png")
         else:
             png(str(tmp_path / f"{k}.png"))
-    files = data.FileTestSet([str(tmp_path / f"{k}.png") for k in range(40)], [0] * 40, None, max_bad_frac=0.1)
+    files = sources.FileTestSet([str(tmp_path / f"{k}.png") for k in range(40)], [0] * 40, None, max_bad_frac=0.1)
     with pytest.raises(ValueError, match="more than --max-bad-frac 0.1"):
         [files[i] for i in range(20)]  # the first half, as one of two workers
     with pytest.raises(ValueError, match="more than --max-bad-frac"):  # and through a 2-worker DataLoader
-        list(torch.utils.data.DataLoader(data.FileTestSet(files.paths, [0] * 40, lambda im: 0, 0.1), num_workers=2))
+        list(torch.utils.data.DataLoader(sources.FileTestSet(files.paths, [0] * 40, lambda im: 0, 0.1), num_workers=2))
 
 
 def test_imagefolder_loader_and_extra_eval(tmp_path):
@@ -610,7 +614,7 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
     with pytest.warns(UserWarning, match="no captions; using template captions"):
         assert data.load_data(opts(tmp_path, *folder, "--captions", "natural")).train[0][2] == d.train[0][2]
     assert d.classnames == ["cats", "dogs"] and d.train_counts.tolist() == [3, 1] and d.imagenet_ids == [-1, -1]
-    assert d.train[0][2] in {t("cats") for t in data.caption_templates()}  # template captions
+    assert d.train[0][2] in {t("cats") for t in classes.caption_templates()}  # template captions
     with pytest.raises(ValueError, match="--open-world needs captions"):
         data.load_data(opts(tmp_path, *folder, "--open-world", "10"))
     # DIR/<class>/* beside DIR/val (no train/ folder): val is the test set, not a class
@@ -638,11 +642,11 @@ def test_imagefolder_loader_and_extra_eval(tmp_path):
     assert sorted(ev.labels.tolist()) == [0, 5]
     # a folder named by a WordNet synonym of an evaluated class (not its CLIP name) is that class
     names, lowered = s.classnames, {n.lower() for n in s.classnames}
-    k, synonym = next((k, x) for k in range(100) for x in data.imagenet_synonyms()[IN100[k]]
+    k, synonym = next((k, x) for k in range(100) for x in classes.imagenet_synonyms()[IN100[k]]
                       if x.lower() not in lowered)
     png(str(tmp_path / "by_name" / synonym / "a.png"))
     with pytest.warns(UserWarning, match="99 of the 100"):
-        folder = data.eval_image_folder(str(tmp_path / "by_name"), names, s.imagenet_ids, None)
+        folder = sources.eval_image_folder(str(tmp_path / "by_name"), names, s.imagenet_ids, None)
     assert folder.labels.tolist() == [k]
     x, y = ev[0]
     assert x.shape == (3, 32, 32)

@@ -17,7 +17,11 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from open_clip.modified_resnet import AttentionPool2d
 
+import classes
 import dino_tail
+import metrics
+import runtime
+import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +116,7 @@ def test_argmax_winners_and_prototype_utilisation_hand_made():
     head.prototypes.data.copy_(protos)
     model = dino_tail.DINOModel(nn.Identity(), head)
     args = type("A", (), dict(workers=0, utilisation_eps=0.025))()
-    dist = dino_tail.data.Dist()
+    dist = runtime.Dist()
     # winners by hand: argmax of cos(x, e_j) - centre_j: rows -> 0, 0, 2, 3
     got = dino_tail.prototype_utilisation(model, torch.zeros(4), Features(x), args, dist)
     assert got == dict(argmax_winners=3, distinct_prototypes=4, prototypes=4)
@@ -155,7 +159,7 @@ def test_logistic_regression_matches_scipy(multilabel, l2):
         y = np.argmax(x @ w_true + rng.gumbel(size=(n, c)), axis=1)
     ref = scipy.optimize.minimize(_objective_numpy, np.zeros(f * c + c), args=(x, y, c, l2, multilabel), jac=True,
                                   method="L-BFGS-B", options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
-    w, b = dino_tail.fit_logistic_regression(torch.tensor(x), torch.tensor(y), c, l2, multilabel, max_iter=500, tol=1e-10)
+    w, b = metrics.fit_logistic_regression(torch.tensor(x), torch.tensor(y), c, l2, multilabel, max_iter=500, tol=1e-10)
     ours = np.concatenate([w.numpy().ravel(), b.numpy()])
     np.testing.assert_allclose(ours, ref.x, rtol=1e-5, atol=1e-6)
     _, grad = _objective_numpy(ours, x, y, c, l2, multilabel)
@@ -169,7 +173,7 @@ def test_logistic_regression_separable_closed_form():
     x = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
     y = torch.tensor([1, 0])
     l2 = 0.5
-    w, b = dino_tail.fit_logistic_regression(x, y, 2, l2, max_iter=500, tol=1e-12)
+    w, b = metrics.fit_logistic_regression(x, y, 2, l2, max_iter=500, tol=1e-12)
     gap = (w[0, 1] - w[0, 0]).item()  # the multinomial model's logit gap per unit x
     root = scipy.optimize.brentq(lambda g: 2 / (1 + np.exp(g)) - l2 * g / 2, 1e-9, 50)
     assert abs(gap - root) < 1e-6 and abs(b[1] - b[0]) < 1e-8
@@ -177,12 +181,12 @@ def test_logistic_regression_separable_closed_form():
 
 def test_eleven_point_ap_hand_made():
     # ranked: pos, neg, pos, neg -> (P, R) at the 4 thresholds: (1, .5) (.5, .5) (2/3, 1) (.5, 1)
-    ap = dino_tail.eleven_point_ap([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    ap = metrics.eleven_point_ap([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
     assert abs(ap - (6 * 1.0 + 5 * (2 / 3)) / 11) < 1e-12
-    assert dino_tail.eleven_point_ap([0.1, 0.9, 0.5], [1, 1, 1]) == 1.0
+    assert metrics.eleven_point_ap([0.1, 0.9, 0.5], [1, 1, 1]) == 1.0
     # tied scores form one threshold: two items at 0.5, one positive -> P = 1/2 at R = 1
-    assert abs(dino_tail.eleven_point_ap([0.5, 0.5], [1, 0]) - 0.5) < 1e-12
-    assert dino_tail.eleven_point_ap([0.3, 0.2], [0, 0]) == 0.0
+    assert abs(metrics.eleven_point_ap([0.5, 0.5], [1, 0]) - 0.5) < 1e-12
+    assert metrics.eleven_point_ap([0.3, 0.2], [0, 0]) == 0.0
 
 
 def _probe_task(seed=0, n=240, f=8, c=3):
@@ -198,7 +202,7 @@ def test_regularisation_is_chosen_on_validation_data_only():
     task = _probe_task()
     grid = np.logspace(-2, 4, 7)
     (x_tr, y_tr), (x_val, y_val) = task["train"], task["val"]
-    chosen, scores = dino_tail.select_regularisation(x_tr, y_tr, x_val, y_val, 3, "top1", grid=grid, max_iter=500,
+    chosen, scores = metrics.select_regularisation(x_tr, y_tr, x_val, y_val, 3, "top1", grid=grid, max_iter=500,
                                                     tol=1e-10)
     # independent: scipy fit per value, validation accuracy, first best
     by_hand = []
@@ -215,8 +219,8 @@ def test_regularisation_is_chosen_on_validation_data_only():
     result_scrambled, _ = dino_tail.linear_probe(scrambled, max_iter=500)
     assert result["l2"] == result_scrambled["l2"] and result["best_val"] == result_scrambled["best_val"]
     # the default grid: 45 log-spaced values in [1e-6, 1e5] (Appx. D.3)
-    assert result["l2"] in set(dino_tail.REGULARISATION_GRID) and len(dino_tail.REGULARISATION_GRID) == 45
-    assert dino_tail.REGULARISATION_GRID[0] == pytest.approx(1e-6) and dino_tail.REGULARISATION_GRID[-1] == pytest.approx(1e5)
+    assert result["l2"] in set(metrics.REGULARISATION_GRID) and len(metrics.REGULARISATION_GRID) == 45
+    assert metrics.REGULARISATION_GRID[0] == pytest.approx(1e-6) and metrics.REGULARISATION_GRID[-1] == pytest.approx(1e5)
 
 
 def test_probe_refits_on_train_plus_val_and_reports_metrics():
@@ -224,7 +228,7 @@ def test_probe_refits_on_train_plus_val_and_reports_metrics():
     result, logits = dino_tail.linear_probe(task, max_iter=300)
     x = torch.cat([task["train"][0], task["val"][0]])
     y = torch.cat([task["train"][1], task["val"][1]])
-    w, b = dino_tail.fit_logistic_regression(x, y, 3, result["l2"], max_iter=300)
+    w, b = metrics.fit_logistic_regression(x, y, 3, result["l2"], max_iter=300)
     torch.testing.assert_close(logits, task["test"][0].double() @ w + b)
     preds = logits.argmax(1)
     assert result["top1"] == pytest.approx((preds == task["test"][1]).double().mean().item())
@@ -260,8 +264,8 @@ def test_model_embeds_multicrop_lists_crop_major():
 def test_photometric_identity_and_blur():
     x = torch.rand(3, 3, 32, 32)
     neutral = torch.tensor([[0, 1, 1, 1, 0, 0, 0, 0]] * 3, dtype=torch.float32)
-    mean = torch.tensor(dino_tail.data.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(dino_tail.data.CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(sources.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(sources.CLIP_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(dino_tail.photometric_augment(x, neutral), (x - mean) / std)
     jitter_neutral = neutral.clone()
     jitter_neutral[:, 0] = 1  # jitter on with neutral factors (hue 0) changes nothing either
@@ -308,7 +312,7 @@ def test_multicrop_interpolation_follows_the_recipe():
 def test_sinkhorn_knopp_equipartitions():
     torch.manual_seed(0)
     logits = torch.randn(12, 5) * 3
-    q = dino_tail.sinkhorn_knopp(logits, 0.5, 200, dino_tail.data.Dist())
+    q = dino_tail.sinkhorn_knopp(logits, 0.5, 200, runtime.Dist())
     torch.testing.assert_close(q.sum(1), torch.ones(12))              # a distribution per row
     torch.testing.assert_close(q.sum(0), torch.full((5,), 12 / 5), rtol=1e-4, atol=1e-4)  # equal mass per column
 
@@ -383,7 +387,7 @@ def test_probe_transform():
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     native = dino_tail.probe_transform(dino_tail.parse_args([]))(image)
     assert native.shape == (3, 32, 32)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dino_tail.data.CLIP_MEAN, dino_tail.data.CLIP_STD))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (sources.CLIP_MEAN, sources.CLIP_STD))
     torch.testing.assert_close(native, (image / 255 - mean) / std)
     up = dino_tail.probe_transform(dino_tail.parse_args(["--global-size", "64", "--local-size", "32"]))(image)
     by_hand = F.interpolate(image[None].float(), size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
@@ -418,9 +422,9 @@ def test_novel_task_leaves_out_open_world_concepts(tmp_path):
     pretrain = dino_tail.data.load_data(args, need_test=False)
     seen = set(pretrain.imagenet_ids) | set(pretrain.open_world_ids)
     assert len(pretrain.open_world_ids) == 200 and not set(pretrain.imagenet_ids) & set(pretrain.open_world_ids)
-    task = dino_tail.synthetic_transfer_task("novel", args, pretrain, dino_tail.data.Dist(), _PixelFeatures(),
+    task = dino_tail.synthetic_transfer_task("novel", args, pretrain, runtime.Dist(), _PixelFeatures(),
                                              dino_tail.probe_transform(args))
-    names = dino_tail.data.imagenet_classnames()
+    names = classes.imagenet_classnames()
     drawn = dino_tail.novel_probe_classes(args.data_seed, 300)
     assert len(set(drawn)) == 300 and drawn == sorted(drawn) and 0 <= drawn[0] and drawn[-1] < 1000
     expected = [names[c] for c in drawn if c not in seen]
@@ -530,7 +534,7 @@ def test_caltech101_split_files_are_followed(tmp_path):
     test = ["Faces/image_0002.jpg", "ant/image_0001.jpg"]
     for split, rels in (("train", train), ("test", test)):
         (where / "caltech101-splits" / f"{split}.txt").write_text("".join(f"{r} {files[r][0]}\n" for r in rels))
-    tr, val, te = dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+    tr, val, te = sources.transfer_splits("caltech101", str(tmp_path), _tensor_of)
     assert val is None and len(tr) == 3 and len(te) == 2 and tr.classes == ["BACKGROUND_Google", "Faces", "ant"]
     for dataset, rels in ((tr, train), (te, test)):
         for (image, label), rel in zip(dataset, rels):
@@ -538,19 +542,19 @@ def test_caltech101_split_files_are_followed(tmp_path):
     # ssl-transfer's readme places the two files beside the images: found there too
     for split in ("train", "test"):
         (where / "caltech101-splits" / f"{split}.txt").rename(where / f"{split}.txt")
-    assert len(dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)[0]) == 3
+    assert len(sources.transfer_splits("caltech101", str(tmp_path), _tensor_of)[0]) == 3
     for split in ("train", "test"):
         (where / f"{split}.txt").rename(where / "caltech101-splits" / f"{split}.txt")
     # a test file whose labels disagree with the training file's folders
     (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0002.jpg 2\n")
     with pytest.raises(ValueError, match="disagree with the training file's labels"):
-        dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+        sources.transfer_splits("caltech101", str(tmp_path), _tensor_of)
     (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0002.jpg\n")
     with pytest.raises(ValueError, match=r"test.txt, line 1: expected 'Class/image.jpg LABEL'"):
-        dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+        sources.transfer_splits("caltech101", str(tmp_path), _tensor_of)
     (where / "caltech101-splits" / "test.txt").write_text("Faces/image_0009.jpg 1\n")
     with pytest.raises(FileNotFoundError, match="1 listed images are not under .*Faces/image_0009.jpg"):
-        dino_tail.real_transfer_splits("caltech101", str(tmp_path), _tensor_of)
+        sources.transfer_splits("caltech101", str(tmp_path), _tensor_of)
     # checked before pre-training starts, like the folders
     for k, wnid in enumerate(("n01440764", "n01443537")):  # a two-class pre-training ImageFolder
         _jpg(tmp_path / "pretrain" / "train" / wnid / "x.jpg", 100 + k)
@@ -572,15 +576,15 @@ def test_sun397_official_partition_and_fallback(tmp_path):
     # without partition files: torchvision's SUN397, a seeded 80/20 split, and a warning before pre-training
     args = type("Args", (), dict(transfer_root=str(tmp_path)))()
     with pytest.warns(UserWarning, match="no split files .* not comparable with Table 2"):
-        dino_tail.check_transfer_folders(["sun397"], args, dino_tail.data.Dist())
-    tr, _, te = dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
+        sources.check_transfer_folders(["sun397"], args.transfer_root)
+    tr, _, te = sources.transfer_splits("sun397", str(tmp_path), _tensor_of)
     assert len(tr) + len(te) == 4
     (tmp_path / "sun397" / "Training_01.txt").write_text("/b/bakery/shop/sun_b1.jpg\n/a/abbey/sun_a1.jpg\n")
     (tmp_path / "sun397" / "Testing_01.txt").write_text("/a/abbey/sun_a2.jpg\n/b/bakery/shop/sun_b2.jpg\n")
-    tr, _, te = dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
+    tr, _, te = sources.transfer_splits("sun397", str(tmp_path), _tensor_of)
     assert tr.classes == ["abbey", "bakery/shop"]
     assert [(int(x[0, 0, 0]), y) for x, y in tr] == [(30, 1), (10, 0)]
     assert [(int(x[0, 0, 0]), y) for x, y in te] == [(20, 0), (40, 1)]
     (tmp_path / "sun397" / "Testing_01.txt").write_text("/c/canyon/sun_c1.jpg\n")
     with pytest.raises(ValueError, match=r"classes \['canyon'\] are not in the training split"):
-        dino_tail.real_transfer_splits("sun397", str(tmp_path), _tensor_of)
+        sources.transfer_splits("sun397", str(tmp_path), _tensor_of)

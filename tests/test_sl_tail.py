@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import classes
 import data
+import runtime
 import sl_tail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +141,7 @@ def test_generator_is_keyed_by_seed_epoch_step_rank():
 def _vocabulary_worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    dist = data.Dist(rank=rank, world_size=world_size)
+    dist = runtime.Dist(rank=rank, world_size=world_size)
     weights = sl_tail.vocabulary_weights(np.arange(1, 101), "freq")
     result = {}
     for scope in ("global", "local"):
@@ -158,10 +160,10 @@ def _vocabulary_worker(rank, world_size, port, out_dir):
 def _buffers_worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    dist = data.Dist(rank=rank, world_size=world_size)
+    dist = runtime.Dist(rank=rank, world_size=world_size)
     args = type("Args", (), dict(embed_dim=64, model="rn-small", head="learned"))()
     torch.manual_seed(0)  # same initial weights on both ranks, as seed_everything gives the script
-    raw = data.sync_batchnorm(sl_tail.build_model(args, 10, 32, None), dist)
+    raw = runtime.sync_batchnorm(sl_tail.build_model(args, 10, 32, None), dist)
     model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(100 + rank)  # different images on each rank
@@ -186,9 +188,9 @@ def test_buffers_stay_identical_across_ranks_without_broadcast(tmp_path):
     torch.multiprocessing.spawn(_buffers_worker, args=(2, port, str(tmp_path)), nprocs=2)
     b0, b1 = (torch.load(tmp_path / f"buffers{r}.pt") for r in range(2))
     assert b0.keys() == b1.keys() and any("running_mean" in k for k in b0)
-    initial = data.sync_batchnorm(sl_tail.build_model(type("Args", (), dict(embed_dim=64, model="rn-small",
+    initial = runtime.sync_batchnorm(sl_tail.build_model(type("Args", (), dict(embed_dim=64, model="rn-small",
                                                                                head="learned"))(), 10, 32, None),
-                                  data.Dist())
+                                  runtime.Dist())
     moved = [k for k in b0 if "running_mean" in k and not torch.equal(b0[k], dict(initial.named_buffers())[k])]
     assert moved  # the statistics were updated ...
     for k in b0:
@@ -332,7 +334,7 @@ def test_evaluation_and_posthoc_adjustment():
     log_prior = sl_tail.log_class_prior(np.array([80, 10, 10]))
     for tau, expected in [(0.0, [0, 2, 1]), (1.0, [1, 2, 1])]:
         args = type("Args", (), dict(eval_batch_size=2, workers=0, amp=False, posthoc_tau=tau))()
-        features, preds, labels = sl_tail.evaluate(_FixedFeatures(), dataset, data.Dist(), args, log_prior)
+        features, preds, labels = sl_tail.evaluate(_FixedFeatures(), dataset, runtime.Dist(), args, log_prior)
         assert preds.tolist() == expected and labels.tolist() == [1, 2, 0] and torch.equal(features, x)
 
 
@@ -494,7 +496,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, cache_dir
 def test_frozen_head_on_zero_shot_tail(tmp_path, cache_dir):
     out = str(tmp_path / "frozen")
     # an extra evaluation set in ImageNet-V2's layout (folders named by ImageNet class index): 3 classes
-    in100 = data.imagenet100_ids()
+    in100 = classes.imagenet100_ids()
     v2 = tmp_path / "v2"
     for k, imagenet_id in enumerate([in100[0], in100[3], in100[7]]):
         for j in range(k + 1):
@@ -517,7 +519,7 @@ def test_frozen_head_on_zero_shot_tail(tmp_path, cache_dir):
     # the head stayed the shipped CLIP prototypes: its affinities are those of the file's rows
     lt = data.load_data(sl_tail.parse_args(["--num-train", "600", "--num-test-per-class", "5", "--cache-dir", cache_dir,
                                             "--trim-tail", "10", "--tail-shots", "0"]))
-    head = data.load_head("clip-rn50", lt.imagenet_ids, lt.classnames)
+    head = classes.load_head("clip-rn50", lt.imagenet_ids, lt.classnames)
     head = F.normalize(head, dim=1)[aff["classes"]]
     assert np.allclose(aff["affinity"], (head @ head.T).numpy(), atol=1e-5)
     tail = set(np.asarray(lt.tail_classes).tolist())
@@ -560,7 +562,7 @@ def test_head_with_wrong_number_of_classes(tmp_path, cache_dir):
 
 
 def test_batch_not_divisible_by_processes(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(data, "init_distributed", lambda device="auto", amp=False: data.Dist(rank=0, world_size=7))
+    monkeypatch.setattr(runtime, "init_distributed", lambda device="auto", amp=False: runtime.Dist(rank=0, world_size=7))
     with pytest.raises(ValueError, match=f"--batch-size {BATCH} is not divisible by the 7 processes"):
         sl_tail.main([*TINY, "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir])
 
