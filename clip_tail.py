@@ -46,13 +46,14 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 import metrics
-from classes import (frequency_profile, imagenet_classnames, imagenet_synonyms, profile_table_path,
+from classes import (frequency_profile, imagenet_classnames, imagenet_synonyms, load_head, profile_table_path,
                      read_frequency_table, select_classes)
 from data import add_data_args, data_flag_names, data_identity, load_data
 from runtime import (ArgumentParser, RunDir, all_gather_cat, check_batch_split, check_finite, check_run_folder,
                      eval_loader, gather_eval, init_distributed, load_checkpoint, rng_state, run_cli, save_checkpoint,
                      seed_everything, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags, write_json)
 from sources import LongTailData, eval_image_folder
+from world import caption_corpus
 
 # The small open_clip model of the embedded default (a ModifiedResNet [1,1,1,1] of width 16 at 32 px and a
 # 2-layer, 128-wide text transformer), registered with open_clip rather than written by hand.
@@ -101,7 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--text-init", default=None, metavar="TAG|CKPT",
                    help="Sec. 3.5: initialise the text tower from an open_clip pretrained tag of --model "
                         "(MODEL:TAG for another model; weights must be in the local cache) or a checkpoint.pt")
-    p.add_argument("--lock-text", action="store_true", help="freeze the --text-init text tower (else fine-tuned)")
+    p.add_argument("--lock-text", action="store_true",
+                   help="freeze the --text-init or --distill-text text tower (else fine-tuned)")
+    p.add_argument("--distill-text", default=None, metavar="HEAD",
+                   help="pre-train the text tower first, text only, on captions of all 1,000 ImageNet classes, "
+                        "onto a real CLIP's class embeddings (a shipped head: clip-rn50, ...): the synthetic "
+                        "world's stand-in for a text encoder pre-trained on 400M pairs (Sec. 3.5)")
+    p.add_argument("--distill-steps", type=int, default=600, help="--distill-text: steps of --batch-size captions")
     p.add_argument("--templates", default="openai", choices=sorted(TEMPLATES),
                    help="prompts of the zero-shot classifier (default: the 80 CLIP templates)")
     p.add_argument("--freq-table", default=None, metavar="NAME",
@@ -122,8 +129,14 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0 or args.warmup < 0:
         raise ValueError("--epochs and --batch-size must be >= 1, --lr > 0, --wd and --warmup >= 0")
-    if args.lock_text and not args.text_init:
-        raise ValueError("--lock-text freezes an initialised text tower: give --text-init TAG|CKPT")
+    if args.lock_text and not (args.text_init or args.distill_text):
+        raise ValueError("--lock-text freezes an initialised text tower: give --text-init TAG|CKPT or --distill-text")
+    if args.distill_text:
+        if args.text_init:
+            raise ValueError("give --text-init or --distill-text, not both")
+        if args.distill_steps < 1:
+            raise ValueError(f"--distill-steps must be >= 1, got {args.distill_steps}")
+        load_head(args.distill_text, range(1000))  # a missing or malformed head fails now
     if args.pretrained and not args.eval_only:
         raise ValueError("--pretrained evaluates open_clip models with --eval-only; to start from a "
                          "pre-trained text tower use --text-init")
@@ -254,7 +267,7 @@ def build_model(args, device):
             raise ValueError(f"--text-init {args.text_init}: its text tower does not fit --model {args.model} "
                              f"(e.g. {wrong[0]})")
         model.load_state_dict({k: text_state[k] for k in own}, strict=False)
-    if args.lock_text:
+    if args.lock_text and not args.distill_text:  # (a distilled tower is locked once distilled)
         model.lock_text_tower()
     return model, quick_gelu
 
@@ -286,6 +299,49 @@ def autocast(args, device):
 
 def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------------------------
+# A pre-trained text encoder in miniature (Sec. 3.5): distilled from a real CLIP's class embeddings
+# ------------------------------------------------------------------------------------------------------
+
+def text_targets(head, dim):
+    """A real CLIP's text embeddings of the 1,000 ImageNet classes (metadata/heads), centred, projected on
+    their top `dim` principal components and l2-normalised: what that encoder knows of every class and of
+    how the classes relate, in the model's embedding size."""
+    e = load_head(head, range(1000)).double()
+    e = e - e.mean(0, keepdim=True)
+    e = e @ torch.linalg.svd(e, full_matrices=False).Vh[:dim].T
+    return F.normalize(e, dim=1).float()
+
+
+def distill_text_tower(model, tokenizer, args, device, temperature=0.05):
+    """Train only the text tower so that a caption of class c (a template with its name or a synonym, or a
+    natural caption) embeds next to c's target (text_targets): a cross-entropy over all 1,000 classes of
+    cos(caption, target) / temperature. The captions come from world.caption_corpus: every ImageNet class
+    equally often, so the tower knows the rare classes as well as the frequent ones, as CLIP's does after
+    400M pairs. Returns the final loss and caption -> class accuracy (the last 10% of steps)."""
+    targets = text_targets(args.distill_text, model.text_projection.shape[1]).to(device)
+    captions, labels = caption_corpus(args.seed, args.distill_steps * args.batch_size)
+    labels = torch.as_tensor(labels, device=device)
+    params = [p for name, p in model.named_parameters() if is_text_key(name) and p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.wd)
+    scheduler = cosine_schedule(optimizer, min(args.warmup, args.distill_steps // 10), args.distill_steps)
+    tail, losses, hits = max(1, args.distill_steps // 10), [], []
+    for step in tqdm(range(args.distill_steps), desc="distilling the text tower", leave=False):
+        batch = slice(step * args.batch_size, (step + 1) * args.batch_size)
+        with autocast(args, device):
+            text = model.encode_text(tokenizer(captions[batch]).to(device), normalize=True)
+        logits = text.float() @ targets.T / temperature
+        loss = F.cross_entropy(logits, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step >= args.distill_steps - tail:
+            losses.append(loss.item())
+            hits.append((logits.argmax(1) == labels[batch]).float().mean().item())
+    return dict(distill_loss=float(np.mean(losses)), distill_top1=float(np.mean(hits)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -530,10 +586,21 @@ def main(argv=None):
     # its folder is made once the inputs are known to be good
     run = RunDir(args.out, args, dist, resume=args.resume, identity=data_identity(data))
     tokenizer = open_clip.get_tokenizer(args.model)
+    state = run.resume_state() if args.resume else None
+    distilled = {}
+    if args.distill_text:  # a resumed run has its distilled tower in the checkpoint
+        if state is None:
+            distilled = distill_text_tower(model, tokenizer, args, dist.device)
+            if dist.is_main:
+                print(f"text tower distilled onto {args.distill_text}: loss {distilled['distill_loss']:.3f}, "
+                      f"caption -> class top-1 {distilled['distill_top1']:.3f}")
+        else:
+            distilled = state.get("distilled", {})
+        if args.lock_text:
+            model.lock_text_tower()
     optimizer = adamw(model, args)
     scheduler = cosine_schedule(optimizer, args.warmup, args.epochs * steps_per_epoch)
     start_epoch, batch_classes = 0, []
-    state = run.resume_state() if args.resume else None
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -556,13 +623,14 @@ def main(argv=None):
         record = dict(epoch=epoch, loss=loss, batch_classes=classes, lr=scheduler.get_last_lr()[-1],
                       logit_scale=unwrap(model).logit_scale.exp().item(), time=time.time() - epoch_start)
         run.log_epoch(record)
-        run.save(checkpoint_state(model, optimizer, scheduler, epoch + 1, batch_classes, quick_gelu, args))
+        run.save(dict(checkpoint_state(model, optimizer, scheduler, epoch + 1, batch_classes, quick_gelu, args),
+                      distilled=distilled))
         if dist.is_main:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  classes/batch {classes:.1f}  "
                   f"logit scale {record['logit_scale']:.1f}  {record['time']:.0f}s")
 
     evaluate_and_write(unwrap(model), tokenizer, data, class_frequencies(data, args.freq_table), args.out, dist, args,
-                       extra=dict(batch_classes_mean=float(np.mean(batch_classes)),
+                       extra=dict(distilled, batch_classes_mean=float(np.mean(batch_classes)),
                                   logit_scale=unwrap(model).logit_scale.exp().item(),
                                   train_seconds=time.time() - started))
 

@@ -74,7 +74,12 @@ def add_data_args(parser):
                    help="default: natural where the data has captions, else template")
     g.add_argument("--caption-fields", default="title,description,tags",
                    help="natural captions: comma-separated subset of title,description,tags")
-    g.add_argument("--class-prefix", action="store_true", help="prepend the class name to every caption")
+    g.add_argument("--class-name", default=None, choices=["front", "end", "none"],
+                   help="name the class once more in every caption: in front ('{name} {caption}', the authors' "
+                   "released ImageNet-Captions variants), at the end, or not. Default: in front for --data incaps, "
+                   "at the end on the synthetic world (whose 2-layer text tower would otherwise learn to read the "
+                   "class from the first words, which CLIP's 80 zero-shot prompts put last), else not (TSV captions "
+                   "are used as they are)")
     g.add_argument("--open-world", type=int, default=0, metavar="N",
                    help="add N other ImageNet classes present only in images+captions (label -1, Sec. 3.6)")
     g.add_argument("--trim-tail", type=int, default=0, metavar="K", help="cut the K least frequent classes (Sec. 4.1)")

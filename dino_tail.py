@@ -53,11 +53,13 @@ RECIPES = {
     "paper": dict(model="rn50", epochs=100, batch_size=1024, base_lr=0.03, min_lr=1e-6, weight_decay=1e-4,
                   warmup_epochs=10, prototypes=65536, hidden_dim=2048, teacher_momentum=0.996,
                   global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=8, global_size=224,
-                  local_size=96, workers=10, freeze_last_layer=1, crop_interpolation="bicubic"),
+                  local_size=96, workers=10, freeze_last_layer=1, crop_interpolation="bicubic",
+                  photometric="dino"),
     "default": dict(model="rn-small", epochs=6, batch_size=64, base_lr=0.03, min_lr=1e-6, weight_decay=1e-4,
                     warmup_epochs=1, prototypes=4096, hidden_dim=512, teacher_momentum=0.99,
                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=2, global_size=32,
-                    local_size=32, workers=0, freeze_last_layer=0, crop_interpolation="bilinear"),
+                    local_size=32, workers=0, freeze_last_layer=0, crop_interpolation="bilinear",
+                  photometric="none"),
 }
 # CLIP's modified ResNet (open_clip): RN50 for the paper recipe, a small one for 32 px images.
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
@@ -77,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and prototype draws")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="paper = Appx. D.2")
     p.add_argument("--model", default=None, choices=sorted(MODELS))
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="pre-training epochs; 0 = none: the probe of a "
+                   "randomly initialised backbone (what pre-training adds is measured against it)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (images) over all processes")
     p.add_argument("--lr", type=float, default=None, help="peak lr; default: base lr 0.03 x batch-size / 256")
     p.add_argument("--min-lr", type=float, default=None, help="end of the cosine schedule")
@@ -100,9 +103,10 @@ def parse_args(argv=None):
     g.add_argument("--teacher-temp", type=float, default=0.04)
     g.add_argument("--teacher-momentum", type=float, default=None, help="EMA start; cosine schedule to 1")
     g.add_argument("--center-momentum", type=float, default=0.9)
-    g.add_argument("--teacher", default="softmax", choices=["softmax", "sinkhorn"],
-                   help="teacher targets: centred softmax (DINO, fused op), or Sinkhorn-Knopp (builds the "
-                   "[rows, V] teacher matrix and computes the loss eagerly)")
+    g.add_argument("--teacher", default="sinkhorn", choices=["sinkhorn", "softmax"],
+                   help="teacher targets: Sinkhorn-Knopp, as the authors' released main_dino.py computes them in "
+                   "every run (default), or DINO's centred softmax (--center-momentum; with --voc only the sampled "
+                   "columns' centre moves, the others keep their last value)")
     g.add_argument("--sinkhorn-iters", type=int, default=3)
     g.add_argument("--global-scale", type=_pair, default=None, help="RandomResizedCrop scale of the 2 global crops")
     g.add_argument("--local-scale", type=_pair, default=None, help="RandomResizedCrop scale of the local crops")
@@ -110,6 +114,10 @@ def parse_args(argv=None):
     g.add_argument("--crop-interpolation", default=None, choices=["bicubic", "bilinear"],
                    help="resampling of the crops (paper recipe: bicubic, DINO's; default recipe: bilinear, which "
                    "the README's synthetic-world numbers used)")
+    g.add_argument("--photometric", default=None, choices=["dino", "none"],
+                   help="colour jitter, greyscale, blur and solarisation of the crops: DINO's (paper recipe), or none "
+                   "(default recipe: with them, DINO on the 32-px world learns nothing in a CPU budget, its loss "
+                   "staying at 0.99 log K; multi-crop alone it learns)")
     g.add_argument("--global-size", type=int, default=None, help="global crop resolution")
     g.add_argument("--local-size", type=int, default=None, help="local crop resolution")
     g.add_argument("--utilisation-eps", type=float, default=0.025,
@@ -141,7 +149,9 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.lr is None:
         args.lr = recipe["base_lr"] * args.batch_size / 256  # DINO's linear scaling rule
-    for name in ("epochs", "batch_size", "prototypes", "hidden_dim", "bottleneck_dim", "global_size", "local_size",
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0 (0: no pre-training, the probe of a random backbone), got {args.epochs}")
+    for name in ("batch_size", "prototypes", "hidden_dim", "bottleneck_dim", "global_size", "local_size",
                  "probe_train_per_class", "probe_test_per_class", "probe_max_iter"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -163,7 +173,7 @@ def parse_args(argv=None):
         raise ValueError("--extra-eval: dino_tail.py evaluates by linear probes (--transfer), not on test sets")
     if not (0 <= args.utilisation_eps <= 2 and 0 <= args.min_lr <= args.lr and args.clip_grad >= 0):
         raise ValueError("--utilisation-eps must be in [0, 2], --min-lr in [0, --lr], --clip-grad >= 0")
-    if args.warmup_epochs > args.epochs or args.freeze_last_layer > args.epochs:
+    if args.epochs and (args.warmup_epochs > args.epochs or args.freeze_last_layer > args.epochs):
         raise ValueError(f"--warmup-epochs and --freeze-last-layer must not exceed --epochs {args.epochs}")
     if args.probe_image_size is not None and args.probe_image_size < 32:
         raise ValueError(f"--probe-image-size must be >= 32 (the ResNet's stride), got {args.probe_image_size}")
@@ -365,8 +375,9 @@ def sample_prototypes(num_prototypes, voc, generator):
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits, tau_t, iters, dist):
-    """Sinkhorn-Knopp targets (SwAV; DINOv2's option) over the columns present: rows [rows_t, V] of the whole
-    batch across ranks become equipartitioned soft assignments. Needs the full [rows_t, V] teacher matrix."""
+    """Sinkhorn-Knopp targets (SwAV), as the authors' released main_dino.py computes them in place of DINO's
+    centring: rows [rows_t, V] of the whole batch across ranks become equipartitioned soft assignments. The
+    plain computation, kept as the reference of sinkhorn_centre."""
     z = teacher_logits.float() / tau_t
     top = z.max().clone()
     if dist.world_size > 1:
@@ -386,18 +397,37 @@ def sinkhorn_knopp(teacher_logits, tau_t, iters, dist):
     return (q * rows).t()
 
 
+@torch.no_grad()
+def sinkhorn_centre(teacher_logits, tau_t, iters, dist):
+    """The same Sinkhorn-Knopp targets as a centre c [V]: each iteration scales prototype j by a_j and each
+    row by b_i, and the last step normalises every row, so row i's target is softmax_j((t_ij - c_j) / tau_t)
+    with c_j = -tau_t log(prod a_j). DINO's centred teacher softmax with that centre, which the fused op
+    computes without ever holding the student's [rows, V] logits."""
+    t = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
+    q = torch.exp((t - t.max()) / tau_t)  # [rows, V]; cosine logits: no underflow
+    log_scale = torch.zeros(q.shape[1], dtype=q.dtype, device=q.device)
+    for _ in range(iters):
+        per_prototype = q.sum(dim=0)
+        if dist.world_size > 1:  # (the max above differs by rank only by a factor that cancels in the rows)
+            torch.distributed.all_reduce(per_prototype)
+        per_prototype = per_prototype.clamp_min(torch.finfo(q.dtype).tiny)
+        q /= per_prototype
+        log_scale -= per_prototype.log()
+        q /= q.sum(dim=1, keepdim=True)
+    return -tau_t * log_scale
+
+
 def dino_loss(student, teacher, w_student, w_teacher, idx, center, args, n_global, n_crops, dist):
     """Mean over (student view, other teacher global view) pairs of CE(teacher target, student softmax) over
-    the columns idx; also the teacher's raw logit sums over idx (for the centre)."""
-    if args.teacher == "softmax":
-        return proto_ce.dino_proto_loss(student, teacher, w_student, w_teacher, idx, center, args.student_temp,
-                                        args.teacher_temp, n_global, n_crops)
-    with torch.no_grad():
-        t = teacher @ w_teacher[idx].T
-        targets = sinkhorn_knopp(t, args.teacher_temp, args.sinkhorn_iters, dist).chunk(n_global)
-    log_p = F.log_softmax(student @ w_student[idx].T / args.student_temp, dim=-1).chunk(n_crops)
-    terms = [-(q * log_p[v]).sum(-1).mean() for g, q in enumerate(targets) for v in range(n_crops) if v != g]
-    return sum(terms) / len(terms), t.sum(0)
+    the columns idx (the fused op); also the teacher's raw logit sums over idx (for the centre). Teacher
+    targets: Sinkhorn-Knopp (--teacher sinkhorn, the released code's every run) or DINO's centred softmax."""
+    if args.teacher == "sinkhorn":
+        with torch.no_grad():
+            center = torch.zeros_like(center)
+            centre = sinkhorn_centre(teacher @ w_teacher[idx].T, args.teacher_temp, args.sinkhorn_iters, dist)
+            center[idx] = centre.to(center.dtype)
+    return proto_ce.dino_proto_loss(student, teacher, w_student, w_teacher, idx, center, args.student_temp,
+                                    args.teacher_temp, n_global, n_crops)
 
 
 @torch.no_grad()
@@ -626,9 +656,10 @@ def main(argv=None):
     lr_schedule = cosine_schedule(args.lr, args.min_lr, total, min(args.warmup_epochs, args.epochs) * steps_per_epoch)
     momentum_schedule = cosine_schedule(args.teacher_momentum, 1.0, total)
 
-    start_epoch = 0
+    start_epoch, final_loss = 0, None
     state = run_dir.resume_state() if args.resume else None
     if state is not None:
+        final_loss = state.get("loss")
         raw_model.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -650,6 +681,8 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
             params = params.to(dist.device)
+            if args.photometric == "none":
+                params = torch.zeros_like(params)  # every operation off: CLIP normalisation only
             views = [photometric_augment(c.to(dist.device, non_blocking=True), params[:, v])
                      for v, c in enumerate(crops)]
             idx = sample_prototypes(args.prototypes, args.voc, prototype_generator(args.seed, epoch, step))
@@ -676,14 +709,16 @@ def main(argv=None):
                 m = float(momentum_schedule[it])
                 for p_t, p_s in zip(teacher.parameters(), raw_model.parameters()):
                     p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
-            update_center(center, idx, colsum.float(), teacher_emb.shape[0], args.center_momentum, dist)
+            if args.teacher == "softmax":  # (Sinkhorn-Knopp targets need no centre)
+                update_center(center, idx, colsum.float(), teacher_emb.shape[0], args.center_momentum, dist)
             sums += torch.tensor([global_loss.item(), 1], dtype=torch.float64)
 
         record = dict(epoch=epoch, loss=sums[0].item() / sums[1].item(), lr=float(lr_schedule[it]),
                       teacher_momentum=float(momentum_schedule[it]), voc=len(idx), time=time.time() - start)
         run_dir.log_epoch(record)
+        final_loss = record["loss"]
         run_dir.save(dict(epoch=epoch + 1, student=raw_model.state_dict(), teacher=teacher.state_dict(),
-                          optimizer=optimizer.state_dict(), center=center, rng=runtime.rng_state()))
+                          optimizer=optimizer.state_dict(), center=center, rng=runtime.rng_state(), loss=final_loss))
         if dist.is_main:
             print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} lr {record['lr']:.4g} "
                   f"m {record['teacher_momentum']:.4f} voc {record['voc']} {record['time']:.0f}s")
@@ -705,7 +740,7 @@ def main(argv=None):
             if task["metric"] != "map11" and (first is None or over_pretrain_classes and not first[0]["pretrain_counts"].any()):
                 first = (task, logits.cpu())
     if dist.is_main:
-        extra = dict(probe=results, utilisation=utilisation, epochs=args.epochs, voc=args.voc,
+        extra = dict(probe=results, utilisation=utilisation, epochs=args.epochs, voc=args.voc, final_loss=final_loss,
                      prototypes=args.prototypes, eval_time=time.time() - start,
                      probe_mean_score=float(np.mean([r["score"] for r in results.values()])) if results else None)
         if first is not None:  # the first task's probe predictions as eval.npz / per_class.csv

@@ -16,7 +16,11 @@
 #   --only S         only section S: fig1 fig3 fig4 fig5 fig6 fig7 fig8 fig9 fig10 (fig9 = fig8); repeatable
 #   --out DIR        run folders DIR/<name>_s<seed>/ (default runs/quick, runs/smoke, runs/paper)
 #   --report DIR     report.py's output (default report/quick, DIR/report for --smoke, report/paper)
-#   --seeds "0 1 2"  seeds of every experiment (default "0"; the report shows mean +- std over seeds)
+#   --seeds "0 1 2"  seeds of every experiment (default "0 1 2" for --quick, "0" otherwise; the report decides
+#                    every claim on mean +- std over the seeds)
+#   --data-flags "F" extra data flags for every run, e.g. --data-flags "--profile yfcc15m" (another class-
+#                    frequency profile for the IN-Caps-based sections; sections that name their own data, such
+#                    as LAIONet's profile or DINO's balanced world, keep it) or "--data-seed 7" (another world)
 #   --jobs N         runs at the same time (default: 2 for --quick/--smoke, each on one CPU thread; 1 at
 #                    paper scale, where each run is a torchrun over $NPROC GPUs)
 #
@@ -48,7 +52,7 @@ cd "$(dirname "$0")" || exit 1
 SECTIONS=(fig1 fig3 fig4 fig5 fig6 fig7 fig8 fig10)
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 
-MODE=paper DRY=0 OUT="" REPORT_DIR="" SEEDS=${SEEDS:-0} JOBS=${JOBS:-}
+MODE=paper DRY=0 OUT="" REPORT_DIR="" SEEDS=${SEEDS:-} JOBS=${JOBS:-} DATA_FLAGS_TEXT=""
 ONLY=()
 while (($#)); do
     case $1 in
@@ -56,7 +60,7 @@ while (($#)); do
         --smoke) MODE=smoke ;;
         --paper) MODE=paper ;;
         --dry-run) DRY=1 ;;
-        --only | --out | --report | --seeds | --jobs)
+        --only | --out | --report | --seeds | --jobs | --data-flags)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --only) IFS=, read -ra parts <<<"$2"; ONLY+=("${parts[@]}") ;;
@@ -64,6 +68,7 @@ while (($#)); do
                 --report) REPORT_DIR=$2 ;;
                 --seeds) SEEDS=$2 ;;
                 --jobs) JOBS=$2 ;;
+                --data-flags) DATA_FLAGS_TEXT=$2 ;;
             esac
             shift ;;
         -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -75,7 +80,13 @@ for s in "${ONLY[@]+"${ONLY[@]}"}"; do
     [[ $s == fig9 ]] && s=fig8
     [[ " ${SECTIONS[*]} " == *" $s "* ]] || die "--only $s: unknown section (one of: ${SECTIONS[*]} fig9)"
 done
+[[ $MODE == quick ]] && SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-0}
 [[ $SEEDS =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be space-separated integers, got '$SEEDS'"
+read -ra DATA_FLAGS <<<"$DATA_FLAGS_TEXT"
+for f in "${DATA_FLAGS[@]+"${DATA_FLAGS[@]}"}"; do
+    case $f in --out | --seed | --resume) die "--data-flags: $f is not a data flag" ;; esac
+done
 [[ -z $JOBS || $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, got '$JOBS'"
 OUT=${OUT:-runs/$MODE}
 case $MODE in
@@ -86,19 +97,27 @@ PY=${PYTHON:-python}
 
 # ---- Sizes of each mode -----------------------------------------------------------------------------
 # DATA: the flags every run's data starts from; CLIP / SL / DINO: recipe and size flags of each script.
-# --quick: every run takes roughly 30-60 s on a 2-core CPU (the world is rendered once and cached).
+# --quick is sized so that every experiment learns what it must (report.py's Sanity table: SL, CLIP and the
+# text-tower stand-in well above chance, DINO's loss falling and its features beating a random backbone)
+# within a 2-core CPU's time; the world is rendered once and cached.
 case $MODE in
     quick)
         LAUNCH=("$PY") JOBS=${JOBS:-2} THREADS=${THREADS:-1}
-        DATA=(--num-train 8000 --num-test-per-class 20)
-        CLIP=(--epochs 3 --batch-size 128 --warmup 20)
-        SL=(--epochs 4 --batch-size 16)  # a 16-image batch holds ~15 of the 100 classes, so --voc 20/50 act
+        DATA=(--num-train 16000 --num-test-per-class 20)
+        CLIP=(--epochs 4 --batch-size 128 --warmup 20)
+        # a 32-image batch, one vocabulary per 16 images (~15 of the 100 classes, as the paper's per-GPU draw
+        # holds ~62 of ImageNet's 1,000), so --voc 10 / 20 / 50 act
+        SL=(--epochs 6 --batch-size 32 --voc-images 16)
+        # DINO: 3,000 images and K = 256 prototypes (~12 images per prototype; the paper: 3.26M for 65,536),
+        # the small head and the subsampled vocabulary at K / 4, as Table 2's 16,384 of 65,536
         DINO_DATA=(--num-train 3000)
-        DINO=(--epochs 3 --batch-size 128 --probe-max-iter 100)
-        TEXTPRE=(--profile uniform --num-train 12000 --num-test-per-class 20 --data-seed 1 --epochs 3 --batch-size 128
-                 --warmup 20)
+        DINO=(--epochs 8 --batch-size 64 --lr 0.03 --probe-max-iter 50)
+        # the pre-trained text encoder's stand-in: distilled onto CLIP RN50's class embeddings, then an image
+        # tower trained against it, frozen, on a balanced world of another data seed (Sec. 3.5)
+        TEXTPRE=(--profile uniform --num-train 16000 --num-test-per-class 20 --data-seed 1 --epochs 6 --batch-size 128
+                 --warmup 20 --distill-text clip-rn50 --distill-steps 600 --lock-text)
         VOCS=(10 20 50) SCALES=(0.25 0.5 1) OPEN_WORLD=(30 100) TRIM=20 TAIL_VOC=20
-        DINO_K=4096 DINO_SMALL=1024 DINO_VOCS=(1024) ;;
+        DINO_K=256 DINO_SMALL=64 DINO_VOCS=(64) ;;
     smoke)
         LAUNCH=("$PY") JOBS=${JOBS:-2} THREADS=${THREADS:-1}
         DATA=(--num-train 400 --num-test-per-class 2)
@@ -107,7 +126,8 @@ case $MODE in
         DINO_DATA=(--num-train 400)
         DINO=(--epochs 1 --batch-size 64 --warmup-epochs 0 --hidden-dim 64 --probe-classes 20
               --probe-train-per-class 5 --probe-test-per-class 2 --probe-max-iter 5)
-        TEXTPRE=(--profile uniform --num-train 400 --num-test-per-class 2 --data-seed 1 --epochs 1 --batch-size 64 --warmup 2)
+        TEXTPRE=(--profile uniform --num-train 400 --num-test-per-class 2 --data-seed 1 --epochs 1 --batch-size 64 --warmup 2
+                 --distill-text clip-rn50 --distill-steps 3 --lock-text)
         VOCS=(10 20) SCALES=(0.5 1) OPEN_WORLD=(10) TRIM=10 TAIL_VOC=20
         DINO_K=256 DINO_SMALL=64 DINO_VOCS=(64) ;;
     paper)
@@ -156,10 +176,13 @@ plan1() {
 }
 
 # exp NAME SCRIPT ARGS...: one run per seed, NAME_s<seed>. A prerequisite file: REQUIRES=FILE exp ...
+# --data-flags go right after the script, so that a section's own data flags (after them) win.
 exp() {
-    local name=$1 s
-    shift
-    for s in $SEEDS; do plan1 "${name}_s$s" "${REQUIRES:-}" "$@" --seed "$s"; done
+    local name=$1 script=$2 s
+    shift 2
+    for s in $SEEDS; do
+        plan1 "${name}_s$s" "${REQUIRES:-}" "$script" "${DATA_FLAGS[@]+"${DATA_FLAGS[@]}"}" "$@" --seed "$s"
+    done
 }
 
 # Data of each paper-scale source (quick/smoke: the synthetic world, $DATA). The section is skipped when
@@ -186,12 +209,13 @@ laionet() {  # LAIONet (threshold 0.7); the synthetic world with LAIONet's class
     fi
 }
 
-# The pre-trained text tower of Fig. 5 and Fig. 8/9 (Sec. 3.5, Appx. C.4). Paper scale: an open_clip
-# pretrained tag (CLIP_TEXT_INIT, RN50:openai by default, RN50's text tower). Quick/smoke: clip_tail.py
-# first trains a CLIP on a bigger, balanced synthetic corpus (another data seed) and its checkpoint stands
-# in for pre-trained CLIP (its zero-shot classifier is exported too: SL_HEAD=<out>/clip_textpre_s0/head.pt
-# uses it as SL's frozen head). SL's frozen head is the shipped CLIP RN50 "a {class}" head in every mode, as in
-# the paper (Sec. 4.1); on the synthetic world it is a real CLIP's view of the same ImageNet classes.
+# The pre-trained text tower of Fig. 5 and Fig. 8/9 (Sec. 3.5, Appx. C.4), and the frozen class prototypes
+# of Fig. 8/9 (Sec. 4.1), from one text encoder, so that CLIP's and SL's arms start from the same text
+# knowledge. Paper scale: CLIP RN50's (CLIP_TEXT_INIT RN50:openai, its text tower; SL_HEAD clip-rn50, its
+# embeddings of "a {class}"). Quick/smoke: clip_tail.py first distils its text tower onto CLIP RN50's class
+# embeddings with captions of all 1,000 ImageNet classes, then trains an image tower against it on a
+# balanced world of another data seed; its checkpoint stands in for pre-trained CLIP and its exported
+# zero-shot classifier (head.pt) for SL's frozen prototypes.
 text_tower() {
     if [[ $MODE == paper ]]; then
         TEXT_INIT=${CLIP_TEXT_INIT:-RN50:openai} TEXT_NEEDS="" HEAD=${SL_HEAD:-clip-rn50} HEAD_NEEDS=""
@@ -199,7 +223,7 @@ text_tower() {
         local dir=$OUT/clip_textpre_s0
         plan1 clip_textpre_s0 "" clip_tail.py "${TEXTPRE[@]}" --export-head "$dir/head.pt" --seed 0
         TEXT_INIT=$dir/checkpoint.pt TEXT_NEEDS=$dir/final.json
-        HEAD=${SL_HEAD:-clip-rn50} HEAD_NEEDS=""
+        if [[ -n ${SL_HEAD:-} ]]; then HEAD=$SL_HEAD HEAD_NEEDS=""; else HEAD=$dir/head.pt HEAD_NEEDS=$dir/final.json; fi
     fi
 }
 
@@ -388,6 +412,8 @@ section_fig10() {
     fi
     ((${#bal[@]})) && exp dino_balanced dino_tail.py "${bal[@]}" "${DINO[@]}" --prototypes "$DINO_K"
     exp dino_vanilla dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_K"
+    # what pre-training adds: the same probes on a randomly initialised backbone (no pre-training)
+    exp dino_random dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_K" --epochs 0
     exp dino_small-head dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_SMALL"
     for v in "${DINO_VOCS[@]}"; do
         exp "dino_voc$v" dino_tail.py "${imb[@]}" "${DINO[@]}" --prototypes "$DINO_K" --voc "$v"

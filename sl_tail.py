@@ -33,20 +33,20 @@ import metrics  # noqa: E402
 import proto_ce  # noqa: E402
 import runtime  # noqa: E402
 
-# Appx. C.1 (the paper's SL recipe), and a scaled-down default with the same optimiser, lr rule and
-# schedule shape (LR_STEPS: lr x0.1 at epochs 30, 50, 70 of 90, scaled to --epochs) that trains the embedded synthetic world in
-# minutes on a laptop CPU. Its batch is small on purpose: vocabulary subsampling acts only when a batch
-# holds fewer classes than --voc; a 16-image batch of the 100-class world holds ~15 (like the paper's
-# per-GPU batch of ImageNet's 1,000 classes), a 128-image one ~70. Explicit flags override these.
+# Appx. C.1 (the paper's SL recipe) as the authors' released train_sup.py runs it (cosine schedule, plain
+# momentum: below), and a scaled-down default that trains the embedded synthetic world in minutes on a CPU.
+# Vocabulary subsampling acts only when the images that share a vocabulary hold fewer classes than --voc:
+# the paper's code draws one per GPU, from 256 / 4 = 64 images (~62 of ImageNet's 1,000 classes), hence
+# --voc-scope local in the paper recipe (drawn from all 256, ~220 classes, a --voc of 100 or 200 would
+# change nothing). The default recipe's 32-image batch of the 100-class world holds ~27 classes, so it
+# draws one vocabulary per 16 images (~15 classes, --voc-images), as the paper's per-GPU draw does.
+# Explicit flags override these.
 RECIPES = {
     "paper": dict(model="rn50", epochs=90, batch_size=256, base_lr=0.1, momentum=0.9, weight_decay=1e-4,
-                  workers=8, voc_scope="local"),
-    "default": dict(model="rn-small", epochs=5, batch_size=16, base_lr=0.1, momentum=0.9, weight_decay=1e-4,
-                    workers=0, voc_scope="global"),
+                  workers=8, voc_scope="local", voc_images=0),
+    "default": dict(model="rn-small", epochs=5, batch_size=32, base_lr=0.1, momentum=0.9, weight_decay=1e-4,
+                    workers=0, voc_scope="global", voc_images=16),
 }
-# --voc-scope local in the paper recipe: the paper's code draws a vocabulary per GPU, from 256 / 4 = 64
-# images (~62 of ImageNet's classes); drawn from all 256 (~220 classes) a --voc of 100 or 200 would be
-# no smaller than the batch's own classes and change nothing.
 # CLIP's modified ResNet (open_clip): RN50, and a small one for 32 px images (Sec. 3.1 / Appx. C.4)
 LR_STEPS = (30 / 90, 50 / 90, 70 / 90)
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64), "rn-small": dict(layers=[1, 1, 1, 1], width=16)}
@@ -65,17 +65,22 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help=recipe_help("epochs"))
     p.add_argument("--batch-size", type=int, default=None, help=recipe_help("batch_size", "global batch over all processes"))
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 x batch-size / 256 (Appx. C.1)")
-    p.add_argument("--momentum", type=float, default=None, help=recipe_help("momentum", "SGD Nesterov momentum"))
+    p.add_argument("--momentum", type=float, default=None, help=recipe_help("momentum", "SGD momentum"))
+    p.add_argument("--nesterov", action="store_true",
+                   help="Nesterov momentum, as Appx. C.1 says (the released train_sup.py runs plain momentum)")
     p.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
-    p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"],
-                   help="step: x0.1 at --lr-steps (Appx. C.1); cosine: to 0 over --epochs (what the authors' "
-                   "released train_sup.py runs for '--scheduler step': its two branches are swapped)")
+    p.add_argument("--lr-schedule", default="cosine", choices=["step", "cosine"],
+                   help="cosine: to 0 over --epochs (default: what the authors' released train_sup.py runs, also for "
+                   "its '--scheduler step', whose two branches are swapped); step: x0.1 at --lr-steps (Appx. C.1)")
     p.add_argument("--lr-steps", default=None,
                    help="epochs where the lr is multiplied by 0.1 (default: 1/3, 5/9, 7/9 of --epochs; paper 30,50,70)")
     p.add_argument("--workers", type=int, default=None, help=recipe_help("workers", "DataLoader workers per process"))
     p.add_argument("--voc", type=int, default=0, help="classes per iteration's vocabulary; 0 = all classes")
     p.add_argument("--voc-sampling", default="freq", choices=["freq", "sqrt", "uniform"],
                    help="fill classes drawn prop. to training frequency, its square root, or uniformly")
+    p.add_argument("--voc-images", type=int, default=None,
+                   help=recipe_help("voc_images", "images that share one vocabulary: each process's batch is cut "
+                                    "into groups of this many, each with its own; 0 = one per --voc-scope"))
     p.add_argument("--voc-scope", default=None, choices=["global", "local"],
                    help=recipe_help("voc_scope", "global: one vocabulary from all processes' labels; local: one per "
                                     "process, from its share of the batch (the paper's code)"))
@@ -97,7 +102,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     recipe = RECIPES[args.recipe]
-    for key in ("model", "epochs", "batch_size", "momentum", "weight_decay", "workers", "voc_scope"):
+    for key in ("model", "epochs", "batch_size", "momentum", "weight_decay", "workers", "voc_scope", "voc_images"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     if args.lr is None:
@@ -116,7 +121,8 @@ def parse_args(argv=None):
     # the recipe's steps round to 0 for very few --epochs: those are dropped
     args.lr_steps = sorted(s for s in steps if s > 0)
     for name, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--voc", args.voc, 0), ("--workers", args.workers, 0), ("--seed", args.seed, 0),
+                             ("--voc", args.voc, 0), ("--voc-images", args.voc_images, 0),
+                             ("--workers", args.workers, 0), ("--seed", args.seed, 0),
                              ("--eval-batch-size", args.eval_batch_size, 1)]:
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -206,15 +212,26 @@ def vocabulary_generator(seed, epoch, step, rank):
     return torch.Generator().manual_seed(int(key))
 
 
-def iteration_vocabulary(labels, args, weights, dist, epoch, step):
-    """--voc-scope global: every rank draws from the gathered global batch with the same generator, so the
-    vocabulary (and the run) does not depend on the process count. local: each rank on its own labels."""
+def iteration_vocabularies(labels, args, weights, dist, epoch, step):
+    """[(rows, idx)]: the vocabulary idx the images `rows` of this rank's batch compete over this iteration.
+    --voc-images N: one per N consecutive images, keyed by the group's place in the global batch (as many
+    per-GPU draws as the paper's code makes), so the draws do not depend on the process count. Otherwise one
+    for the whole batch: --voc-scope global, every rank draws from the gathered global batch with the same
+    generator; local, each rank from its own labels."""
     if args.voc == 0:
-        return torch.arange(len(weights))
+        return [(slice(None), torch.arange(len(weights)))]
+    if args.voc_images:
+        n = args.voc_images
+        groups_per_rank = len(labels) // n
+        return [(slice(j * n, (j + 1) * n),
+                 sample_vocabulary(labels[j * n:(j + 1) * n], args.voc, weights,
+                                   vocabulary_generator(args.seed, epoch, step, dist.rank * groups_per_rank + j)))
+                for j in range(groups_per_rank)]
     rank = dist.rank
     if args.voc_scope == "global":
         labels, rank = runtime.all_gather_cat(labels, dist), 0
-    return sample_vocabulary(labels, args.voc, weights, vocabulary_generator(args.seed, epoch, step, rank))
+    return [(slice(None), sample_vocabulary(labels, args.voc, weights, vocabulary_generator(args.seed, epoch, step,
+                                                                                          rank)))]
 
 
 def check_same_vocabulary(idx, dist):
@@ -305,6 +322,9 @@ def main(argv=None):
     args = parse_args(argv)
     dist = runtime.init_distributed(args.device, args.amp)
     runtime.check_batch_split(args.batch_size, dist)
+    if args.voc_images and (args.batch_size // dist.world_size) % args.voc_images:
+        raise ValueError(f"--voc-images {args.voc_images} does not divide the {args.batch_size // dist.world_size} "
+                         "images of each process's batch")
     longtail = data.load_data(args)
     train_set = longtail.train_labelled()  # open-world samples (label -1) have no class to learn (Sec. 3.6)
     num_classes = len(longtail.classnames)
@@ -327,11 +347,12 @@ def main(argv=None):
         # BatchNorm updates them alike), so DDP need not re-send them, the [C, D] head included, every step
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
-    # SGD with Nesterov momentum, step decay x0.1 (Appx. C.1) or cosine; no weight decay on the temperature
+    # SGD (momentum as the released code runs it; --nesterov as Appx. C.1 says), cosine or step decay x0.1;
+    # no weight decay on the temperature
     scale_params = [raw_model.log_logit_scale]
     other_params = [p for p in raw_model.parameters() if p.requires_grad and p is not raw_model.log_logit_scale]
     optimizer = torch.optim.SGD([{"params": other_params}, {"params": scale_params, "weight_decay": 0.0}],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
     if args.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     else:
@@ -362,12 +383,15 @@ def main(argv=None):
         for step, (images, labels, _) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}",
                                                         disable=not dist.is_main, leave=False)):
             images, labels = images.to(dist.device, non_blocking=True), labels.to(dist.device)
-            idx = iteration_vocabulary(labels, args, weights, dist, epoch, step).to(dist.device)
-            if debug and args.voc_scope == "global" and dist.world_size > 1:
-                check_same_vocabulary(idx, dist)
+            vocabularies = iteration_vocabularies(labels, args, weights, dist, epoch, step)
+            if debug and args.voc_scope == "global" and not args.voc_images and dist.world_size > 1:
+                check_same_vocabulary(vocabularies[0][1], dist)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=args.amp):
                 features, prototypes, logit_scale = model(images)
-            loss = vocabulary_loss(features, prototypes, idx, labels, logit_scale, args, log_prior)
+            # equal groups: the mean of their mean losses is the mean over the batch
+            loss = sum(vocabulary_loss(features[rows], prototypes, idx.to(dist.device), labels[rows], logit_scale,
+                                       args, log_prior) for rows, idx in vocabularies) / len(vocabularies)
+            voc_size = float(np.mean([len(idx) for _, idx in vocabularies]))
             global_loss = loss.detach().clone()
             if dist.world_size > 1:  # every rank sees the same value, so a NaN stops all of them together
                 torch.distributed.all_reduce(global_loss)
@@ -377,7 +401,7 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             raw_model.cap_logit_scale()
-            sums += torch.tensor([global_loss.item(), len(idx), 1], dtype=torch.float64)
+            sums += torch.tensor([global_loss.item(), voc_size, 1], dtype=torch.float64)
         scheduler.step()
 
         if dist.world_size > 1:  # the vocabulary size differs across ranks under --voc-scope local
@@ -398,7 +422,8 @@ def main(argv=None):
             if epoch == start_epoch and 0 < args.voc and record["voc_effective"] > 1.1 * args.voc:
                 print(f"warning: the vocabularies averaged {record['voc_effective']:.0f} classes, more than --voc "
                       f"{args.voc}: a vocabulary always holds its batch's classes, and these batches hold more. "
-                      "Fewer images per vocabulary (--voc-scope local under torchrun, or a smaller --batch-size) "
+                      "Fewer images per vocabulary (--voc-images, --voc-scope local under torchrun, or a smaller "
+                      "--batch-size) "
                       "let --voc act", file=sys.stderr)
 
     prototypes = F.normalize(raw_model.prototypes.detach().float(), dim=-1).cpu()

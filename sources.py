@@ -178,7 +178,11 @@ def caption_options(opts):
     bad = [f for f in fields if f not in CAPTION_FIELDS]
     if bad or not fields:
         raise ValueError(f"--caption-fields: unknown field(s) {bad or fields}; use a subset of {','.join(CAPTION_FIELDS)}")
-    return dict(kind=opts.captions, fields=fields, class_prefix=bool(opts.class_prefix))
+    class_name = opts.class_name
+    if class_name is None:  # (data.py's --class-name explains these defaults)
+        class_name = ("none" if opts.captions != "natural" else
+                      {"synthetic": "end", "incaps": "front"}.get(opts.data, "none"))
+    return dict(kind=opts.captions, fields=fields, class_name=class_name)
 
 
 

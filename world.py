@@ -39,7 +39,7 @@ _cache = {}
 # (dog breeds alike, dog vs volcano different). Per-sample nuisance: grating phases, position, scale,
 # rotation, flip, colour jitter, background clutter made of other ImageNet classes' objects, pixel noise.
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 SEMANTIC_DIM = 32                          # principal components of the text embeddings used
 N_LAYOUT, N_GRATING, N_SHAPE = 12, 24, 12  # coarse colour fields, texture gratings, silhouette fields
 N_COEF = 3 + 3 + N_LAYOUT + N_GRATING + N_SHAPE
@@ -97,11 +97,13 @@ def _smooth_basis(gen, n_fields, channels, cells, size):
 
 
 def _grating_basis(gen, n, size):
-    """n oriented colour gratings as [2n, 3*size*size] (cos rows, then sin rows): random direction,
-    1.5-5 cycles across the frame, random colour direction. A sample mixes them with its own phases."""
+    """n oriented gratings as [2n, 3*size*size] (cos rows, then sin rows): random direction, 1.5-5 cycles
+    across the frame, mostly light and dark with a little colour: in photographs a class's texture and shape
+    live in luminance (a greyscale photo keeps most of what identifies it), so colour jitter and greyscale
+    conversion, which DINO's augmentation applies, leave the texture. A sample mixes them with its own phases."""
     theta = torch.rand(n, generator=gen, dtype=torch.float64) * math.pi
     freq = 1.5 + 3.5 * torch.rand(n, generator=gen, dtype=torch.float64)
-    colour = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    colour = 1.0 + 0.35 * torch.randn(n, 3, generator=gen, dtype=torch.float64)  # luminance + a little chroma
     colour = colour / colour.norm(dim=1, keepdim=True)
     lin = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
@@ -321,6 +323,12 @@ UNRELATED_TAGS = ["nikon", "canon", "2008", "2011", "2013", "summer", "winter", 
 GENERIC_TITLES = ["IMG_{n}", "DSC{n}", "Untitled", "photo {n}", "Day {d}", "Summer {y}", "My trip {y}",
                   "Weekend", "Holiday snaps", "P{n}", "Home", "At the park", "Sunday afternoon"]
 PLACES = ["the zoo", "home", "the park", "the lake", "the market", "the beach", "my garden", "work"]
+# How people caption photos: they say it is a photo, and of what quality ("a blurry shot of my ..."). These
+# are also the words of CLIP's 80 zero-shot prompts, which a text tower trained on captions without them
+# would see for the first time at evaluation.
+PHOTO_PHRASES = ["a photo of", "a picture of", "a close-up photo of", "a blurry photo of", "a bright photo of",
+                 "a dark photo of", "a black and white photo of", "a good photo of", "a bad photo of",
+                 "a cropped photo of", "a low resolution photo of", "a nice shot of", "a snapshot of", "itap of"]
 
 
 @dataclass
@@ -351,8 +359,8 @@ def _mention(rng, concept, p_synonym=0.35):
 def _title(rng, concept, clutter_names):
     r = rng.random()
     if r < 0.40:  # titles often miss the class: only 40% mention it
-        return _pick(rng, ["{x}", "My {x}", "{x} at {p}", "A {x}", "{x}!", "The {x}"]).format(
-            x=_mention(rng, concept), p=_pick(rng, PLACES))
+        return _pick(rng, ["{x}", "My {x}", "{x} at {p}", "A {x}", "{x}!", "The {x}", "Photo of my {x}",
+                           "{x} close-up", "A picture of the {x}"]).format(x=_mention(rng, concept), p=_pick(rng, PLACES))
     if r < 0.50 and clutter_names:  # ... or are about something else in the picture
         return f"{_pick(rng, clutter_names)} at {_pick(rng, PLACES)}"
     return _pick(rng, GENERIC_TITLES).format(n=int(rng.integers(1000, 99999)), d=int(rng.integers(1, 30)),
@@ -360,16 +368,26 @@ def _title(rng, concept, clutter_names):
 
 
 def _description(rng, concept, attrs, clutter_names):
+    """A Flickr-like description: what the photo shows (the class, a synonym, a similar class or just 'thing'),
+    now and then a visual detail of this very image (its colour, size, position, background), other objects,
+    a remark."""
     colour, position, size, background = attrs
-    size_word = SIZES[size] + " " if SIZES[size] else ""
     r = rng.random()
-    if r < 0.55:  # mention the class (or a synonym) with appearance words tied to the rendering
+    if r < 0.55:  # the class (or a synonym)
         what = _mention(rng, concept)
     elif r < 0.70 and concept.related:  # a related (similar) class's name: realistic confusion
         what = _pick(rng, concept.related)
     else:
         what = _pick(rng, ["thing", "animal or object", "one", "subject"])
-    text = f"A {size_word}{colour} {what} {position}, {background} background."
+    size_word = SIZES[size] + " " if SIZES[size] and rng.random() < 0.3 else ""
+    colour_word = colour + " " if rng.random() < 0.3 else ""
+    opening = _pick(rng, PHOTO_PHRASES).capitalize() + " a" if rng.random() < 0.5 else "A"
+    text = f"{opening} {size_word}{colour_word}{what}"
+    if rng.random() < 0.3:
+        text += f" {position}"
+    if rng.random() < 0.3:
+        text += f", {background} background"
+    text += "."
     if clutter_names and rng.random() < 0.6:
         text += f" There is also a {_pick(rng, clutter_names)}."
     if rng.random() < 0.3:
@@ -394,13 +412,16 @@ def _tags(rng, concept, attrs, clutter_names, other_names):
     return " ".join(tags[i] for i in order)
 
 
-CAPTION_FIELDS = ("title", "description", "tags")  # the paper's order (Appx. C.2)
+# The order the authors' released caption variants join the fields in (data_utils/
+# create_incaps_caption_variants.py: title, tags, description); --caption-fields picks a subset.
+CAPTION_FIELDS = ("title", "tags", "description")
 
 
 def natural_caption(rng, concept, attrs, fields, clutter_names=(), other_names=()):
-    """A synthetic IN-Caps-like caption: the chosen fields of title / description / tags, joined in the
-    paper's order. More fields -> more descriptive (Fig. 3): the class is mentioned in ~40% of titles,
-    ~55% of descriptions (plus ~15% naming a similar class instead) and ~75% of tag lists."""
+    """A synthetic IN-Caps-like caption: the chosen fields of title / tags / description, joined in the
+    released code's order. More fields -> more descriptive (Fig. 3): the class is mentioned in ~40% of
+    titles, ~55% of descriptions (plus ~15% naming a similar class instead) and ~75% of tag lists, and the
+    description adds what the image shows (colour, size, position, background, other objects)."""
     parts = []
     for f in CAPTION_FIELDS:
         if f in fields:
@@ -414,13 +435,14 @@ def natural_caption(rng, concept, attrs, fields, clutter_names=(), other_names=(
 
 
 def build_caption(rng, concept, kind, fields=CAPTION_FIELDS, attrs=None, clutter_names=(), other_names=(),
-                  class_prefix=False, real_fields=None):
+                  class_name="none", real_fields=None):
     """The caption of one training sample (Sec. 3.2):
       template         - one of the 80 CLIP templates with the class name;
       template-synset  - a template with a random WordNet synonym of the class;
-      natural          - title / description / tags (`fields`, joined in the paper's order): the real
+      natural          - title / tags / description (`fields`, joined in CAPTION_FIELDS' order): the real
                          fields when the data has them (`real_fields`), else synthetic ones from `attrs`.
-    class_prefix prepends the class name ("{name}. {caption}")."""
+    class_name adds the class name once more: "front" ("{name} {caption}", the authors' released caption
+    variants), "end" ("{caption} {name}") or "none"."""
     if kind == "template":
         caption = template_caption(rng, concept.name)
     elif kind == "template-synset":
@@ -434,7 +456,9 @@ def build_caption(rng, concept, kind, fields=CAPTION_FIELDS, attrs=None, clutter
             caption = natural_caption(rng, concept, attrs, fields, clutter_names, other_names)
     else:
         raise ValueError(f"unknown caption kind {kind!r}: use template, template-synset or natural")
-    return f"{concept.name}. {caption}" if class_prefix else caption
+    if class_name not in ("front", "end", "none"):
+        raise ValueError(f"unknown class-name position {class_name!r}: use front, end or none")
+    return {"front": f"{concept.name} {caption}", "end": f"{caption} {concept.name}", "none": caption}[class_name]
 
 
 def _related_names(head, k=3):
@@ -447,3 +471,26 @@ def _related_names(head, k=3):
         names = imagenet_classnames()
         _cache[key] = [[names[j] for j in row] for row in sim.topk(k, dim=1).indices.tolist()]
     return _cache[key]
+
+
+def caption_corpus(seed, size, head="openclip-vitb32-laion400m"):
+    """`size` captions of all 1,000 ImageNet classes, uniformly, and their class ids: the text a web-scale
+    CLIP text encoder has seen about every class, rare ones included (Sec. 3.5). A third are CLIP
+    templates with the class name, a third templates with a WordNet synonym, a third natural captions with
+    every field (title, tags, description) about an imagined photo: random colour, size, position,
+    background and other objects. Text only: nothing is rendered."""
+    from classes import imagenet_synonyms
+
+    rng = np.random.default_rng([seed, 23])
+    names, synonyms, related = imagenet_classnames(), imagenet_synonyms(), _related_names(head)
+    palette = list(PALETTE)
+    labels = rng.integers(1000, size=size)
+    captions = []
+    for c in labels.tolist():
+        concept = Concept(names[c], synonyms[c], related[c])
+        kind = ("template", "template-synset", "natural")[int(rng.integers(3))]
+        attrs = (_pick(rng, palette), _pick(rng, POSITIONS), int(rng.integers(3)), _pick(rng, palette))
+        clutter = [names[int(k)] for k in rng.integers(1000, size=int(rng.integers(3)))]
+        captions.append(build_caption(rng, concept, kind, attrs=attrs, clutter_names=clutter, other_names=names,
+                                      class_name=_pick(rng, ["front", "end"]) if kind == "natural" else "none"))
+    return captions, labels

@@ -15,6 +15,7 @@ import numpy as np
 import open_clip
 import pytest
 import scipy.special
+import scipy.stats
 import torch
 import torch.multiprocessing as mp
 
@@ -22,6 +23,7 @@ import clip_tail
 import classes
 import data
 import runtime
+import world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "clip_tail.py")
@@ -352,6 +354,52 @@ def test_text_init_from_checkpoint_and_lock(reference_run, world_cache, tmp_path
                if k.startswith("visual."))  # while the image tower trained
 
 
+def test_text_targets_are_the_heads_principal_components():
+    """The distillation targets: CLIP RN50's class embeddings, centred, on their top principal components,
+    unit norm -- checked against numpy's SVD; cosines between classes keep the head's order roughly."""
+    head = classes.load_head("clip-rn50", range(1000)).double().numpy()
+    centred = head - head.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    expected = centred @ vt[:32].T
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    got = clip_tail.text_targets("clip-rn50", 32).double().numpy()
+    signs = np.sign((got * expected).sum(0))  # a principal direction is defined up to its sign
+    np.testing.assert_allclose(got * signs, expected, atol=1e-4)
+    full = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    a, b = (full @ full.T)[np.triu_indices(1000, 1)], (got @ got.T)[np.triu_indices(1000, 1)]
+    assert scipy.stats.spearmanr(a, b)[0] > 0.8
+
+
+def test_distilled_text_tower_knows_every_class(world_cache, tmp_path, monkeypatch, capsys):
+    """--distill-text: the text tower alone learns to map captions of any of the 1,000 ImageNet classes onto
+    their targets (far above the 0.1 % of chance), then stays frozen under --lock-text while the image tower
+    trains; a resumed run keeps its distillation result."""
+    out = tmp_path / "distilled"
+    flags = [*tiny_flags(world_cache), "--epochs", "1", "--out", str(out), "--distill-text", "clip-rn50",
+             "--distill-steps", "60", "--batch-size", "128", "--lr", "5e-3", "--lock-text"]
+    code, err = run_in_process(flags, monkeypatch, capsys)
+    assert code == 0, err
+    final = json.loads((out / "final.json").read_text())
+    assert final["distill_top1"] > 0.05, final
+    model = open_clip.create_model("RN-micro", force_image_size=32)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    captions, labels = world.caption_corpus(123, 512)
+    targets = clip_tail.text_targets("clip-rn50", model.text_projection.shape[1])
+    with torch.no_grad():
+        text = model.encode_text(open_clip.get_tokenizer("RN-micro")(captions), normalize=True)
+    assert ((text @ targets.T).argmax(1).numpy() == labels).mean() > 0.05  # on captions it never saw
+    assert state["distilled"] == {k: final[k] for k in ("distill_loss", "distill_top1")}
+
+
+def test_caption_corpus_covers_every_class_and_names_it():
+    captions, labels = world.caption_corpus(0, 6000)
+    assert len(captions) == 6000 and len(np.unique(labels)) > 990   # all 1,000 classes, uniformly
+    synonyms = classes.imagenet_synonyms()
+    named = [any(s.lower() in c.lower() for s in synonyms[y]) for c, y in zip(captions, labels)]
+    assert np.mean(named) > 0.98
+
+
 def test_eval_only_on_own_checkpoint(reference_run, world_cache, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eval"
     code, err = run_in_process([*tiny_flags(world_cache), "--eval-only", "--checkpoint",
@@ -472,6 +520,9 @@ def test_nan_loss_stops_with_one_line(world_cache, tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("flags, words", [
     (["--lock-text"], ["--lock-text", "--text-init"]),
+    (["--distill-text", "nosuch"], ["head not found"]),
+    (["--distill-text", "clip-rn50", "--distill-steps", "0"], ["--distill-steps must be >= 1"]),
+    (["--distill-text", "clip-rn50", "--text-init", "RN50:openai"], ["--text-init or --distill-text, not both"]),
     (["--pretrained", "openai"], ["--eval-only"]),
     (["--eval-only"], ["--pretrained", "--checkpoint"]),
     (["--text-init", "RN-micro:no_such_tag"], ["no_such_tag"]),

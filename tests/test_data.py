@@ -279,14 +279,16 @@ def test_template_captions(tmp_path):
         assert cap in options
         seen_synonym |= options[cap] != d.classnames[y]
     assert seen_synonym
-    p = small(tmp_path, "--captions", "template", "--class-prefix")
-    assert all(c.startswith(d.classnames[y] + ". ") for c, y in zip(p.train.captions()[:50], p.train.labels[:50]))
+    p = small(tmp_path, "--captions", "template", "--class-name", "front")
+    assert all(c.startswith(d.classnames[y] + " ") for c, y in zip(p.train.captions()[:50], p.train.labels[:50]))
 
 
 def test_natural_caption_descriptiveness_grows_with_fields(tmp_path):
+    """Without the extra class name (--class-name none), more fields mention the class more often: the
+    confound the released caption variants remove by naming the class in every caption."""
     fractions = []
     for fields in ["title", "title,description", "title,description,tags"]:
-        d = small(tmp_path, "--caption-fields", fields)
+        d = small(tmp_path, "--caption-fields", fields, "--class-name", "none")
         caps = d.train.captions()
         fractions.append(np.mean([mentions(c, d.synonyms[y]) for c, y in zip(caps, d.train.labels)]))
         lengths = np.mean([len(c.split()) for c in caps])
@@ -295,13 +297,35 @@ def test_natural_caption_descriptiveness_grows_with_fields(tmp_path):
     assert fractions[0] < fractions[1] < fractions[2], fractions
     assert 0.3 < fractions[0] < 0.6 and fractions[2] > 0.85
     # realistic noise: some captions miss the class, some name another evaluated class
-    d = small(tmp_path)
+    d = small(tmp_path, "--class-name", "none")
     caps = d.train.captions()
     others = [any(mentions(c, [n]) for k, n in enumerate(d.classnames) if k != y and len(n) > 4)
               for c, y in zip(caps, d.train.labels)]
     assert 0.02 < np.mean(others) < 0.6
     for f in ["description", "tags"]:
         assert small(tmp_path, "--caption-fields", f).train.captions()[0]
+
+
+def test_class_name_in_every_natural_caption(tmp_path):
+    """--class-name: the released caption variants' '{name} {caption}' (front), the synthetic world's default
+    '{caption} {name}' (end), or nothing more (none); fields joined as the released code joins them (title,
+    tags, description); real data names the class in front by default; templates get no extra name."""
+    base = small(tmp_path, "--class-name", "none", "--caption-fields", "title,tags,description").train.captions()
+    labels = small(tmp_path).train.labels
+    names = small(tmp_path).classnames
+    front = small(tmp_path, "--class-name", "front").train.captions()
+    end = small(tmp_path).train.captions()
+    assert all(f == f"{names[y]} {b}" for f, b, y in zip(front[:200], base, labels))
+    assert all(e == f"{b} {names[y]}" for e, b, y in zip(end[:200], base, labels))
+    titles = small(tmp_path, "--class-name", "none", "--caption-fields", "title").train.captions()
+    assert all(b.startswith(t) for b, t in zip(base[:200], titles))   # the title first, ...
+    assert all(b[-1] in ".!" for b in base[:200])                        # ... the description last
+    real = argparse.Namespace(caption_fields="title", captions="natural", class_name=None, data="incaps")
+    assert sources.caption_options(real)["class_name"] == "front"
+    real.data = "tsv"  # one caption per image, used as it is
+    assert sources.caption_options(real)["class_name"] == "none"
+    real.captions = "template"
+    assert sources.caption_options(real)["class_name"] == "none"
 
 
 def test_bad_caption_fields(tmp_path):
@@ -384,7 +408,7 @@ def test_estimate_class_frequency_hand_written():
 def test_estimated_frequency_of_synthetic_captions_tracks_counts(tmp_path):
     """Appx. B.2 on the synthetic world: counting class mentions in natural captions recovers the
     long-tailed profile (noisily: titles miss the class, tags name other classes)."""
-    d = small(tmp_path, "--profile", "laionet-0.7")
+    d = small(tmp_path, "--profile", "laionet-0.7", "--class-name", "none")
     counts, matches = classes.estimate_class_frequency(d.train.captions(), d.classnames, d.synonyms)
     assert spearmanr(counts, d.train_counts).statistic > 0.8
     hit = np.mean([y in m for y, m in zip(d.train.labels, matches)])
@@ -489,7 +513,8 @@ def test_incaps_loader(tmp_path):
     d = data.load_data(a)
     assert len(d.train) == 1 + 2 + 3 and d.train_counts[:3].tolist() == [1, 2, 3] and d.train_counts.sum() == 6
     x, y, c = d.train[1]
-    assert x.shape == (3, 8, 8) and y == 1 and c == "title 1 tag t1"
+    # the released caption variants' format: the class name, then title, tags, description
+    assert x.shape == (3, 8, 8) and y == 1 and c == f"{d.classnames[1]} title 1 tag t1"
     assert len(d.test) == 6 and sorted(set(d.test.labels)) == [0, 1, 2]
     ow = data.load_data(opts(tmp_path, "--data", "incaps", "--data-root", str(root), "--open-world", "1"))
     assert ow.open_world_names == [classes.imagenet_classnames()[0]] and (ow.train.labels == -1).sum() == 4

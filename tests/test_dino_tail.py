@@ -317,6 +317,31 @@ def test_sinkhorn_knopp_equipartitions():
     torch.testing.assert_close(q.sum(0), torch.full((5,), 12 / 5), rtol=1e-4, atol=1e-4)  # equal mass per column
 
 
+def test_sinkhorn_targets_through_the_fused_op_equal_the_plain_computation():
+    """--teacher sinkhorn (the released main_dino.py's targets) as a centre for the fused op: the loss equals
+    the cross-entropy between the plain Sinkhorn-Knopp targets and the student softmax, and its gradient too."""
+    torch.manual_seed(0)
+    B, D, K, V, n_global, n_crops = 6, 16, 50, 30, 2, 4
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=1)
+    student, teacher, w = unit(n_crops * B, D).requires_grad_(), unit(n_global * B, D), unit(K, D)
+    idx = torch.randperm(K)[:V].sort().values
+    args = type("Args", (), dict(teacher="sinkhorn", teacher_temp=0.04, student_temp=0.1, sinkhorn_iters=3))()
+    loss, _ = dino_tail.dino_loss(student, teacher, w, w, idx, torch.zeros(K, dtype=torch.float64), args, n_global,
+                                  n_crops, runtime.Dist())
+    targets = dino_tail.sinkhorn_knopp(teacher @ w[idx].T, 0.04, 3, runtime.Dist()).double().chunk(n_global)
+    log_p = torch.log_softmax(student @ w[idx].T / 0.1, dim=1).chunk(n_crops)
+    terms = [-(q * log_p[v]).sum(1).mean() for g, q in enumerate(targets) for v in range(n_crops) if v != g]
+    expected = sum(terms) / len(terms)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # (sinkhorn_knopp computes in float32)
+    grad, = torch.autograd.grad(loss, student)
+    expected_grad, = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+    # the centre makes every prototype's total target mass nearly equal (3 iterations: approximately)
+    centre = dino_tail.sinkhorn_centre(teacher @ w[idx].T, 0.04, 200, runtime.Dist())
+    q = torch.softmax((teacher @ w[idx].T - centre) / 0.04, dim=1)
+    torch.testing.assert_close(q.sum(0), torch.full((V,), n_global * B / V, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
 def test_cosine_schedule():
     s = dino_tail.cosine_schedule(1.0, 0.0, 10, warmup_steps=2)
     assert len(s) == 10 and s[0] == 0.0 and s[1] == 0.5 and s[2] == 1.0 and s[-1] > 0 and np.all(np.diff(s[2:]) < 0)
@@ -487,6 +512,25 @@ def test_resume_is_exact_after_sigkill(tmp_path):
     fa = json.load(open(tmp_path / "full" / "final.json"))
     fb = json.load(open(out / "final.json"))
     assert fa["utilisation"] == fb["utilisation"]
+
+
+def test_random_backbone_and_no_photometric_augmentation(tmp_path):
+    """--epochs 0 probes a randomly initialised backbone (no step taken); --photometric none leaves the crops
+    as they are (CLIP normalisation only); final.json has the last epoch's loss."""
+    cache = str(tmp_path / "cache")
+    random_run = _run(TINY + ["--epochs", "0", "--cache-dir", cache, "--out", str(tmp_path / "random")], timeout=600)
+    assert random_run.returncode == 0, random_run.stderr[-2000:]
+    final = json.load(open(tmp_path / "random" / "final.json"))
+    assert final["epochs"] == 0 and final["final_loss"] is None and not (tmp_path / "random" / "checkpoint.pt").exists()
+    trained = _run(TINY + ["--epochs", "1", "--photometric", "none", "--cache-dir", cache, "--out", str(tmp_path / "t")],
+                   timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "t" / "log.jsonl")]
+    assert json.load(open(tmp_path / "t" / "final.json"))["final_loss"] == pytest.approx(log[-1]["loss"])
+    assert dino_tail.parse_args([]).photometric == "none" and dino_tail.parse_args(["--recipe", "paper"]).photometric == "dino"
+    x = torch.rand(4, 3, 32, 32)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (sources.CLIP_MEAN, sources.CLIP_STD))
+    torch.testing.assert_close(dino_tail.photometric_augment(x, torch.zeros(4, dino_tail.PHOTO_PARAMS)), (x - mean) / std)
 
 
 @pytest.mark.slow

@@ -93,15 +93,20 @@ def test_quick_dry_run_parses_with_every_scripts_parser():
     assert all(launcher == ["python"] for _, _, launcher in commands)
     # every section of the paper is there (one representative run each)
     for name in ("clip_template_s0", "sl_voc10_s0", "clip_laionet_s0", "clip_textpre_s0", "clip_frozen_frac0.25_s0",
-                 "clip_ow100_s0", "sl-frozen-voc_tail0_s0", "clip-frozen_tail1_s0", "dino_voc1024_s0",
-                 "dino_small-head_s0", "dino_balanced_s0"):
+                 "clip_ow100_s0", "sl-frozen-voc_tail0_s0", "clip-frozen_tail1_s0", "dino_voc64_s0",
+                 "dino_small-head_s0", "dino_balanced_s0", "dino_random_s0"):
         assert name in runs, name
+    # three seeds by default, one text-tower stand-in for all of them
+    assert {"clip_template_s1", "clip_template_s2", "dino_voc64_s2"} <= set(runs) and "clip_textpre_s1" not in runs
+    assert runs["dino_random_s0"].epochs == 0 and runs["clip_textpre_s0"].distill_text == "clip-rn50"
     # one command, one run: shared configurations are listed once and linked
     assert "clip_ow0_s0 -> clip_title-desc-tags_s0 (same command)" in proc.stdout
     # the frozen runs use the text tower and head the pre-training run writes
     assert runs["clip_frozen_frac1_s0"].text_init == "runs/quick/clip_textpre_s0/checkpoint.pt"
     assert runs["clip_frozen_frac1_s0"].lock_text and not runs["clip_finetune_frac1_s0"].lock_text
-    assert runs["sl-frozen_tail0_s0"].head_file == "clip-rn50" and runs["clip_textpre_s0"].export_head
+    # CLIP's frozen text tower and SL's frozen prototypes come from the same text encoder (Fig. 8/9)
+    assert runs["sl-frozen_tail0_s0"].head_file == runs["clip_textpre_s0"].export_head == \
+        "runs/quick/clip_textpre_s0/head.pt"
     assert runs["sl-frozen-voc_tail0_s0"].voc > 0 and runs["sl-frozen-voc_tail0_s0"].tail_shots == 0
     assert runs["sl_voc20_s0"].voc == 20 and runs["clip_title-desc_s0"].caption_fields == "title,description"
 
@@ -118,11 +123,24 @@ def test_seeds_and_out_options(tmp_path):
     assert seeds and all(v == {0, 1} for v in seeds.values())
 
 
+def test_data_flags_reach_every_run_and_sections_keep_their_own(tmp_path):
+    proc = run_all("--quick", "--dry-run", "--seeds", "0", "--data-flags", "--profile yfcc15m --diversity 0.6")
+    runs = check_plan(planned_commands(proc.stdout), "runs/quick")
+    experiments = {name: args for name, args in runs.items() if name != "clip_textpre_s0"}
+    assert all(args.diversity == 0.6 for name, args in experiments.items() if name != "clip_laionet-diverse_s0")
+    assert runs["clip_laionet-diverse_s0"].diversity == 1.0
+    assert runs["clip_template_s0"].profile == runs["sl_voc0_s0"].profile == "yfcc15m"
+    assert runs["clip_laionet_s0"].profile == "laionet-0.7" and runs["dino_balanced_s0"].profile == "uniform"
+    assert runs["clip_textpre_s0"].profile == "uniform" and runs["clip_textpre_s0"].diversity != 0.6
+    proc = run_all("--quick", "--dry-run", "--data-flags", "--seed 3", check=False)
+    assert proc.returncode == 2 and "--data-flags: --seed is not a data flag" in proc.stderr
+
+
 def test_only_selects_sections():
-    assert planned_names("--quick", "--dry-run", "--only", "fig9") == {
+    assert planned_names("--quick", "--dry-run", "--seeds", "0", "--only", "fig9") == {
         "clip_textpre_s0", "clip-frozen_tail1_s0", "sl_tail1_s0", "sl-frozen_tail1_s0", "sl-frozen-voc_tail1_s0",
         "clip-frozen_tail0_s0", "sl_tail0_s0", "sl-frozen_tail0_s0", "sl-frozen-voc_tail0_s0"}
-    fig7 = planned_names("--quick", "--dry-run", "--only", "fig7")  # every run report.py's Fig. 7 compares
+    fig7 = planned_names("--quick", "--dry-run", "--seeds", "0", "--only", "fig7")  # every run report.py's Fig. 7 compares
     assert {f"{exp}_s0" for _, exp in report.nc_runs({})} | {"sl_voc0_s0", "sl_voc20_s0"} <= fig7
     scripts = {s for s, _, _ in planned_commands(run_all("--quick", "--dry-run", "--only", "fig6,fig10").stdout)}
     assert scripts == {"clip_tail.py", "dino_tail.py", "report.py"}
@@ -276,13 +294,15 @@ def test_a_failure_is_reported_at_the_end_and_does_not_stop_the_others(tmp_path,
     proc = run_all("--smoke", "--only", "fig8", "--out", out, "--report", str(tmp_path / "r"), env=env, check=False)
     assert proc.returncode == 1
     assert "[1/9] clip_textpre_s0 ... FAILED (exit 3)" in proc.stdout and "boom" in proc.stdout
-    # the CLIP runs that need the pre-trained text tower fail without starting; the six SL runs still run
+    # the runs that need the pre-trained text tower (CLIP's frozen tower, SL's frozen prototypes) fail without
+    # starting; the two SL runs with learned prototypes still run
     scripts_run = [c for c in calls_of(env) if c[0] != "report.py"]
-    assert len(scripts_run) == 7 and sum(c[0] == "sl_tail.py" for c in scripts_run) == 6
-    assert os.path.isfile(os.path.join(out, "sl-frozen-voc_tail0_s0", "final.json"))
+    assert len(scripts_run) == 3 and sum(c[0] == "sl_tail.py" for c in scripts_run) == 2
+    assert os.path.isfile(os.path.join(out, "sl_tail0_s0", "final.json"))
     summary = proc.stdout[proc.stdout.index("failed:"):]
     assert "clip_textpre_s0 (exit 3" in summary and "clip-frozen_tail0_s0 (needs" in summary
-    assert summary.count("\n  ") == 3  # the failure + the 2 runs that needed its output
+    assert "sl-frozen-voc_tail0_s0 (needs" in summary
+    assert summary.count("\n  ") == 7  # the failure + the 6 runs that needed its output
 
 
 # ---- The whole pipeline at --smoke size --------------------------------------------------------------

@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the process count agree to float tolerance only over a short run.
 BATCH, STEPS = 300, 2
 TINY = ["--num-train", "600", "--num-test-per-class", "5", "--image-size", "32", "--batch-size", str(BATCH),
-        "--epochs", "2", "--lr", "0.02", "--workers", "0"]
+        "--epochs", "2", "--lr", "0.02", "--workers", "0", "--voc-images", "0"]
 VOC = ["--voc", "97"]  # a 300-sample batch holds ~90 of the 100 classes: the rest is drawn
 
 
@@ -145,12 +145,12 @@ def _vocabulary_worker(rank, world_size, port, out_dir):
     weights = sl_tail.vocabulary_weights(np.arange(1, 101), "freq")
     result = {}
     for scope in ("global", "local"):
-        args = type("Args", (), dict(voc=40, voc_scope=scope, seed=3))()
+        args = type("Args", (), dict(voc=40, voc_scope=scope, seed=3, voc_images=0))()
         g = torch.Generator().manual_seed(rank)
         result[scope] = []
         for step in range(20):
             labels = torch.randint(0, 100, (8,), generator=g)
-            idx = sl_tail.iteration_vocabulary(labels, args, weights, dist, epoch=1, step=step)
+            [(rows, idx)] = sl_tail.iteration_vocabularies(labels, args, weights, dist, epoch=1, step=step)
             result[scope].append(dict(labels=labels.tolist(), idx=idx.tolist()))
     torch.distributed.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -220,6 +220,42 @@ def test_every_rank_gets_the_same_vocabulary_under_global(tmp_path):
                                                  sl_tail.vocabulary_generator(3, 1, step, r))
             assert rec["idx"] == expected.tolist()
     assert any(a["idx"] != b["idx"] for a, b in zip(ranks[0]["local"], ranks[1]["local"]))
+
+
+def test_a_vocabulary_per_group_of_images():
+    """--voc-images N: one vocabulary per N consecutive images, each holding its group's classes, keyed by the
+    group's place in the global batch: rank 1 of 2 (16 images each) draws what one process draws for its
+    groups 2 and 3 of the 32-image global batch."""
+    weights = sl_tail.vocabulary_weights(np.arange(1, 101), "freq")
+    args = type("Args", (), dict(voc=20, voc_scope="global", seed=5, voc_images=8))()
+    labels = torch.randint(0, 100, (32,), generator=torch.Generator().manual_seed(0))
+    one = sl_tail.iteration_vocabularies(labels, args, weights, runtime.Dist(), epoch=2, step=7)
+    assert [(rows.start, rows.stop) for rows, _ in one] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    for k, (rows, idx) in enumerate(one):
+        assert set(labels[rows].tolist()) <= set(idx.tolist()) and len(idx) == 20
+        assert torch.equal(idx, sl_tail.sample_vocabulary(
+            labels[rows], 20, weights, sl_tail.vocabulary_generator(5, 2, 7, k)))
+    assert not torch.equal(one[0][1], one[1][1])
+    rank1 = sl_tail.iteration_vocabularies(labels[16:], args, weights, runtime.Dist(rank=1, world_size=2), 2, 7)
+    assert len(rank1) == 2 and all(torch.equal(a, b) for (_, a), (_, b) in zip(rank1, one[2:]))
+    # the loss over equal groups is the mean over the batch of each image's cross-entropy over its group's
+    features = torch.nn.functional.normalize(torch.randn(32, 16, dtype=torch.float64), dim=1)
+    prototypes = torch.nn.functional.normalize(torch.randn(100, 16, dtype=torch.float64), dim=1)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    per_image = []
+    for rows, idx in one:
+        logits = scale * features[rows] @ prototypes[idx].T
+        target = torch.searchsorted(idx, labels[rows])
+        per_image.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+    loss_args = type("Args", (), dict(loss="ce"))()
+    loss = sum(sl_tail.vocabulary_loss(features[rows], prototypes, idx, labels[rows], scale, loss_args, None)
+               for rows, idx in one) / len(one)
+    assert loss.item() == pytest.approx(torch.cat(per_image).mean().item(), rel=1e-9)
+
+
+def test_voc_images_must_divide_the_batch(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="--voc-images 7 does not divide the 300 images"):
+        sl_tail.main([*TINY, "--voc-images", "7", "--out", str(tmp_path / "bad"), "--cache-dir", cache_dir])
 
 
 # ---- labels, losses, re-sampling ----------------------------------------------------------------------
@@ -342,8 +378,10 @@ def test_recipes_and_lr_steps():
     paper = sl_tail.parse_args(["--recipe", "paper"])
     assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.lr_steps, paper.voc_scope) == \
         ("rn50", 90, 256, 0.1, [30, 50, 70], "local")                   # Appx. C.1, the paper code's vocabularies
+    assert (paper.lr_schedule, paper.nesterov, paper.voc_images) == ("cosine", False, 0)  # as train_sup.py runs
     default = sl_tail.parse_args([])
-    assert (default.epochs, default.lr_steps, default.voc_scope, default.lr) == (5, [2, 3, 4], "global", 0.1 * 16 / 256)
+    assert (default.epochs, default.lr_steps, default.voc_scope, default.lr) == (5, [2, 3, 4], "global", 0.1 * 32 / 256)
+    assert default.voc_images == 16
     # 1/3, 5/9, 7/9 of 3 epochs round to 1, 2, 2: both later decays happen at epoch 2
     assert sl_tail.parse_args(["--epochs", "3"]).lr_steps == [1, 2, 2]
     schedule = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
