@@ -374,35 +374,12 @@ def sample_prototypes(num_prototypes, voc, generator):
 # ---- The DINO loss over the sampled prototypes -----------------------------------------------------------
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits, tau_t, iters, dist):
-    """Sinkhorn-Knopp targets (SwAV), as the authors' released main_dino.py computes them in place of DINO's
-    centring: rows [rows_t, V] of the whole batch across ranks become equipartitioned soft assignments. The
-    plain computation, kept as the reference of sinkhorn_centre."""
-    z = teacher_logits.float() / tau_t
-    top = z.max().clone()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    q = torch.exp(z - top).t()  # [V, rows]
-    rows = torch.tensor(float(q.shape[1] * dist.world_size), device=q.device)
-    total = q.sum()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(total)
-    q /= total
-    for _ in range(iters):
-        per_prototype = q.sum(dim=1, keepdim=True)
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(per_prototype)
-        q /= per_prototype * q.shape[0]
-        q /= q.sum(dim=0, keepdim=True) * rows
-    return (q * rows).t()
-
-
-@torch.no_grad()
 def sinkhorn_centre(teacher_logits, tau_t, iters, dist):
-    """The same Sinkhorn-Knopp targets as a centre c [V]: each iteration scales prototype j by a_j and each
-    row by b_i, and the last step normalises every row, so row i's target is softmax_j((t_ij - c_j) / tau_t)
-    with c_j = -tau_t log(prod a_j). DINO's centred teacher softmax with that centre, which the fused op
-    computes without ever holding the student's [rows, V] logits."""
+    """Sinkhorn-Knopp teacher targets (SwAV), which the authors' released main_dino.py computes in place of
+    DINO's centring, as a centre c [V]: over the teacher rows of the whole batch (all ranks), each iteration
+    scales prototype j by a_j and each row by b_i, and the last step normalises every row, so row i's target
+    is softmax_j((t_ij - c_j) / tau_t) with c_j = -tau_t log(prod a_j). DINO's centred teacher softmax with
+    that centre, which the fused op computes without ever holding the student's [rows, V] logits."""
     t = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
     q = torch.exp((t - t.max()) / tau_t)  # [rows, V]; cosine logits: no underflow
     log_scale = torch.zeros(q.shape[1], dtype=q.dtype, device=q.device)

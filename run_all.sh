@@ -229,6 +229,12 @@ text_tower() {
 
 # ---- Sections ---------------------------------------------------------------------------------------
 
+# Fig. 4 and Fig. 6 decide no claim yet: --quick / --smoke run them on the first seed only (SEEDS is made
+# local to the calling section, so exp sees the shortened list there only).
+once_in_quick() {
+    [[ $MODE == paper ]] || SEEDS=${SEEDS%% *}
+}
+
 # Fig. 1: (a) class-frequency profiles of the pre-training sets -- drawn by report.py from metadata/freqs;
 # (b) pre-trained open_clip models: zero-shot accuracy / prediction counts vs their data's frequencies.
 section_fig1() {
@@ -290,7 +296,8 @@ section_fig3() {
 # frequencies ('=freq'), and (quick) a more diverse LAIONet-like world (the analogue of a lower
 # text-definition threshold) / (paper) YFCC-15M-Cls.
 section_fig4() {
-    local D
+    local D SEEDS=$SEEDS
+    once_in_quick
     if [[ $MODE != paper ]] || need INCAPS_ROOT IMAGENET_VAL; then
         incaps
         exp clip_title-desc-tags clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural \
@@ -339,7 +346,8 @@ section_fig5() {
 # Paper scale: ImageNet-Captions-100 plus the other IN-Caps classes as open-world concepts.
 section_fig6() {
     [[ $MODE == paper ]] && { need INCAPS_ROOT IMAGENET_VAL || return; }
-    local D n
+    local D n SEEDS=$SEEDS
+    once_in_quick
     incaps in100
     exp clip_ow0 clip_tail.py "${D[@]}" "${CLIP[@]}" --captions natural --caption-fields title,description,tags
     for n in "${OPEN_WORLD[@]}"; do

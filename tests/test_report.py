@@ -1,4 +1,4 @@
-"""report.py: claim verdicts on hand-made run folders with known numbers, seed aggregation, missing runs,
+"""report.py and claims.py: claim verdicts on hand-made run folders with known numbers, seed aggregation, missing runs,
 and every figure / REPORT.md section from fabricated runs (fast; the real pipeline is in test_run_all.py)."""
 import csv
 import json
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+import claims
 import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,11 +106,11 @@ def fabricate(root, table=SUPPORTED, files=False, skip=()):
     for name, values in table.items():
         if name not in skip:
             make_run(str(root), name, values, files=files)
-    return report.load_runs(str(root))
+    return claims.load_runs(str(root))
 
 
 def verdicts(runs):
-    return {c.__name__: c(runs)["verdict"] for c in report.CLAIMS}
+    return {c.__name__: c(runs)["verdict"] for c in claims.CLAIMS}
 
 
 def test_every_claim_supported_by_the_supported_numbers(tmp_path):
@@ -117,7 +118,7 @@ def test_every_claim_supported_by_the_supported_numbers(tmp_path):
 
 
 def test_no_runs_gives_missing_runs_everywhere(tmp_path):
-    assert set(verdicts(report.load_runs(str(tmp_path))).values()) == {"missing runs"}
+    assert set(verdicts(claims.load_runs(str(tmp_path))).values()) == {"missing runs"}
 
 
 # (claim, run to change, new values): each flips exactly that claim to "not supported"
@@ -172,7 +173,7 @@ def test_smaller_voc_rule_matches_scipy_spearman(tmp_path):
     table = {**SUPPORTED, "sl_voc20": dict(corr_pred=0.70, top1=0.55)}  # V: 10, 20, 50, 100 -> .25 .70 .60 .80
     runs = fabricate(tmp_path, table)
     rho = scipy_stats.spearmanr([10, 20, 50, 100], [0.25, 0.70, 0.60, 0.80]).statistic
-    result = report.claim_smaller_voc_debias(runs)
+    result = claims.claim_smaller_voc_debias(runs)
     assert rho == pytest.approx(0.8)
     assert result["rows"][-1][-1] == f"{rho:.3f}" and result["verdict"] == "supported"  # rule: rho >= 0.8
 
@@ -180,10 +181,10 @@ def test_smaller_voc_rule_matches_scipy_spearman(tmp_path):
 def test_seeds_are_aggregated_mean_and_sample_std(tmp_path):
     for seed, top1 in enumerate([0.30, 0.36, 0.42]):
         make_run(str(tmp_path), "clip_template", dict(top1=top1, corr_pred=0.2), seed=seed, files=False)
-    runs = report.load_runs(str(tmp_path))
-    s = report.stat(runs, "clip_template", "top1")
+    runs = claims.load_runs(str(tmp_path))
+    s = claims.stat(runs, "clip_template", "top1")
     assert s.n == 3 and s.mean == pytest.approx(0.36) and s.std == pytest.approx(np.std([.30, .36, .42], ddof=1))
-    assert report.fmt(s) == "0.360 ± 0.060 (3 seeds)"
+    assert claims.fmt(s) == "0.360 ± 0.060 (3 seeds)"
 
 
 def test_seed_spread_larger_than_the_gap_is_no_evidence(tmp_path):
@@ -193,18 +194,18 @@ def test_seed_spread_larger_than_the_gap_is_no_evidence(tmp_path):
         make_run(str(tmp_path), "clip_frozen_frac0.25", dict(top1=top1, corr_pred=0.4), seed=seed, files=False)
     del table["clip_frozen_frac0.25"]
     runs = fabricate(tmp_path, table)
-    assert report.claim_frozen_text_helps(runs)["verdict"] == "supported"  # 0.35 - 0.20 = 0.15 > 0.141
+    assert claims.claim_frozen_text_helps(runs)["verdict"] == "supported"  # 0.35 - 0.20 = 0.15 > 0.141
     make_run(str(tmp_path), "clip_frozen_frac0.25", dict(top1=0.05, corr_pred=0.4), seed=2, files=False)
-    runs = report.load_runs(str(tmp_path))  # mean 0.25, std 0.2: gap 0.05 is not evidence
-    assert report.claim_frozen_text_helps(runs)["verdict"] == "not supported"
+    runs = claims.load_runs(str(tmp_path))  # mean 0.25, std 0.2: gap 0.05 is not evidence
+    assert claims.claim_frozen_text_helps(runs)["verdict"] == "not supported"
 
 
 def test_nan_and_unfinished_runs_are_missing(tmp_path):
     make_run(str(tmp_path), "sl_voc0", dict(top1=None, corr_pred=0.8), files=False)  # nan stored as null
     os.makedirs(tmp_path / "sl_voc10_s0")  # unfinished: no final.json
-    runs = report.load_runs(str(tmp_path))
+    runs = claims.load_runs(str(tmp_path))
     assert "sl_voc10" not in runs
-    assert report.stat(runs, "sl_voc0", "top1") is None and report.fmt(None) == "missing"
+    assert claims.stat(runs, "sl_voc0", "top1") is None and claims.fmt(None) == "missing"
 
 
 def test_report_cli_writes_every_figure_and_section(tmp_path):
@@ -254,7 +255,7 @@ def test_smaller_voc_rule_uses_the_effective_vocabulary(tmp_path):
         table[name] = dict(table[name], voc_effective=eff)
     table["sl_voc50"] = dict(table["sl_voc50"], corr_pred=0.20)  # below V=10 and V=20: not monotone
     runs = fabricate(tmp_path, table)
-    result = report.claim_smaller_voc_debias(runs)
+    result = claims.claim_smaller_voc_debias(runs)
     effective, corr = [69.0, 69.0, 71.0, 100.0], [0.25, 0.40, 0.20, 0.80]
     rho = scipy_stats.spearmanr(effective, corr).statistic
     assert result["rows"][-1][-1] == f"{rho:.3f}"
@@ -262,7 +263,7 @@ def test_smaller_voc_rule_uses_the_effective_vocabulary(tmp_path):
     assert [row[2] for row in result["rows"][:4]] == ["69.0", "69.0", "71.0", "100.0"]
 
 
-# ---- Rule changes (report.RULE_CHANGES) ---------------------------------------------------------------
+# ---- Rule changes (claims.RULE_CHANGES) ---------------------------------------------------------------
 
 def test_smaller_voc_rule_needs_the_ends_apart_beyond_the_seed_spread(tmp_path):
     """Claim 3: Spearman 1.0 over the means, but SL with all classes is above the smallest vocabulary by less
@@ -273,7 +274,7 @@ def test_smaller_voc_rule_needs_the_ends_apart_beyond_the_seed_spread(tmp_path):
         fabricate(root, skip=("sl_voc0",))
         for seed, corr in enumerate(seeds):
             make_run(str(root), "sl_voc0", dict(corr_pred=corr, top1=0.50), seed=seed, files=False)
-        result = report.claim_smaller_voc_debias(report.load_runs(str(root)))
+        result = claims.claim_smaller_voc_debias(claims.load_runs(str(root)))
         # V 10, 20, 50, 100 -> 0.25, 0.40, 0.60, mean(seeds): monotone, rho = 1
         assert result["rows"][-1][-1] == "1.000"
         assert result["rows"][-2] == [f"all classes - voc 10 (> larger seed std {std})", "", "", gap]
@@ -283,7 +284,7 @@ def test_smaller_voc_rule_needs_the_ends_apart_beyond_the_seed_spread(tmp_path):
 def test_descriptive_captions_compare_the_ends_of_the_order(tmp_path):
     """Claim 5: a middle run out of line ("roughly monotonic") does not decide; its Spearman is shown only."""
     runs = fabricate(tmp_path, {**SUPPORTED, "clip_title-desc": dict(corr_pred=0.55, top1=0.25)})
-    result = report.claim_descriptive_captions(runs)
+    result = claims.claim_descriptive_captions(runs)
     assert result["verdict"] == "supported"
     assert [row[1] for row in result["rows"][:3]] == ["`clip_title`", "`clip_title-desc`", "`clip_title-desc-tags`"]
     # ranks 0, 1, 2 against corr_pred 0.50, 0.55, 0.30 (ranks 2, 3, 1): 1 - 6 * (1 + 1 + 4) / (3 * 8) = -0.5
@@ -292,7 +293,7 @@ def test_descriptive_captions_compare_the_ends_of_the_order(tmp_path):
 
 
 def test_frozen_text_helps_shows_and_needs_the_correlation(tmp_path):
-    result = report.claim_frozen_text_helps(fabricate(tmp_path))
+    result = claims.claim_frozen_text_helps(fabricate(tmp_path))
     assert result["header"] == ["fraction", "top1 frozen", "top1 scratch", "corr_pred frozen", "corr_pred scratch"]
     assert result["rows"][0] == ["0.25", "0.350", "0.200", "0.400", "0.600"]
 
@@ -308,7 +309,7 @@ def test_tail_claims_need_clip_to_reach_the_tail(tmp_path, run, values, tail):
     assert got["claim_frozen_prototypes_barely_help"] == got["claim_voc_clip_like_tail"] == "premise not met"
     assert {k for k, v in got.items() if v != "supported"} == {"claim_frozen_prototypes_barely_help",
                                                                 "claim_voc_clip_like_tail"}
-    rows = {row[0]: row[-1] for row in report.claim_voc_clip_like_tail(runs)["rows"]}
+    rows = {row[0]: row[-1] for row in claims.claim_voc_clip_like_tail(runs)["rows"]}
     assert rows == {tail: "not met", ({"0-shot", "1-shot"} - {tail}).pop(): "met"}
 
 
@@ -328,7 +329,7 @@ def test_dino_gap_claim_needs_a_gap(tmp_path):
 
 
 def test_dino_gap_claim_shows_the_share_closed(tmp_path):
-    result = report.claim_dino_subsampling_narrows_gap(fabricate(tmp_path))
+    result = claims.claim_dino_subsampling_narrows_gap(fabricate(tmp_path))
     # (0.58 - 0.50) / (0.60 - 0.50) = 80 %, (0.57 - 0.50) / 0.10 = 70 %
     assert [(row[1], row[3], row[4]) for row in result["rows"][2:]] == [("`dino_voc1024`", "0.020", "80%"),
                                                                          ("`dino_voc2048`", "0.030", "70%")]
@@ -337,9 +338,9 @@ def test_dino_gap_claim_shows_the_share_closed(tmp_path):
 def test_premise_not_met_counts_as_not_supported(tmp_path):
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     fabricate(runs_dir, {**SUPPORTED, "sl_tail0": dict(top1_tail=0.45, top1_other=0.50)})
-    claims = report.write_report(str(runs_dir), str(out))
-    assert [c["verdict"] for c in claims].count("premise not met") == 2
-    assert "premise not met" in report.VERDICTS and len(report.VERDICTS) == 4
+    decided = report.write_report(str(runs_dir), str(out))
+    assert [c["verdict"] for c in decided].count("premise not met") == 2
+    assert "premise not met" in claims.VERDICTS and len(claims.VERDICTS) == 4
     text = (out / "REPORT.md").read_text()
     assert "10 of 12 supported, 2 not supported (2 of them: premise not met), 0 missing runs." in text
     assert "| 9 | Fig. 8/9 |" in text and text.count("**premise not met**") == 4  # claims table + two verdict lines
@@ -355,9 +356,9 @@ def test_rule_changes_are_listed_under_the_claims_table(tmp_path):
     table, changes, first = (text.index("| 12 | Fig. 10 / Tab. 2 |"), text.index("### Rule changes\n"),
                              text.index("### 1. "))
     assert table < changes < first
-    assert [n for n, _, _ in report.RULE_CHANGES] == ["3", "5", "7", "9, 10", "11"]
+    assert [n for n, _, _ in claims.RULE_CHANGES] == ["3", "5", "7", "9, 10", "11"]
     assert "- claims 9, 10: premise: CLIP's tail top-1 above SL's in both tails" in text
-    for _, what, why in report.RULE_CHANGES:
+    for _, what, why in claims.RULE_CHANGES:
         assert f"{what}. Why: {why}." in text
 
 
@@ -365,7 +366,7 @@ def test_rule_changes_are_listed_under_the_claims_table(tmp_path):
 
 def sanity(runs):
     """{(check, experiment(s)): [value, floor, verdict]}"""
-    return {(row[0], row[1]): row[2:] for row in report.sanity_rows(runs)}
+    return {(row[0], row[1]): row[2:] for row in claims.sanity_rows(runs)}
 
 
 def test_sanity_passes_on_the_supported_numbers(tmp_path):
@@ -386,7 +387,7 @@ def test_sanity_fail_and_missing_rows(tmp_path):
     fabricate(tmp_path, skip=("clip_template", "clip_textpre"))
     for seed, top1 in enumerate((0.20, 0.26)):  # mean 0.23 < 0.25; std 0.06 / sqrt(2) = 0.042
         make_run(str(tmp_path), "clip_template", dict(top1=top1, corr_pred=0.2), seed=seed, files=False)
-    rows = sanity(report.load_runs(str(tmp_path)))
+    rows = sanity(claims.load_runs(str(tmp_path)))
     assert rows[("CLIP, template captions", "`clip_template`")] == ["0.230 ± 0.042 [min 0.200] (2 seeds)",
                                                                     "top1 ≥ 0.25", "fail"]
     textpre = [v for (check, exp), v in rows.items() if exp == "`clip_textpre`"]

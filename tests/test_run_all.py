@@ -98,6 +98,9 @@ def test_quick_dry_run_parses_with_every_scripts_parser():
         assert name in runs, name
     # three seeds by default, one text-tower stand-in for all of them
     assert {"clip_template_s1", "clip_template_s2", "dino_voc64_s2"} <= set(runs) and "clip_textpre_s1" not in runs
+    # Fig. 4 and Fig. 6 decide no claim: first seed only (Fig. 5's scale-1 run, Fig. 4's LAIONet run, keeps three)
+    assert not {"clip_ow100_s1", "clip_laionet-diverse_s1", "clip_laionet_s1"} & set(runs)
+    assert {"clip_scratch_frac1_s1", "clip_scratch_frac1_s2"} <= set(runs)
     assert runs["dino_random_s0"].epochs == 0 and runs["clip_textpre_s0"].distill_text == "clip-rn50"
     # one command, one run: shared configurations are listed once and linked
     assert "clip_ow0_s0 -> clip_title-desc-tags_s0 (same command)" in proc.stdout
