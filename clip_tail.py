@@ -49,9 +49,10 @@ import metrics
 from classes import (frequency_profile, imagenet_classnames, imagenet_synonyms, load_head, profile_table_path,
                      read_frequency_table, select_classes)
 from data import add_data_args, data_flag_names, data_identity, load_data
-from runtime import (ArgumentParser, RunDir, all_gather_cat, check_batch_split, check_finite, check_run_folder,
-                     eval_loader, gather_eval, init_distributed, load_checkpoint, rng_state, run_cli, save_checkpoint,
-                     seed_everything, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags, write_json)
+from runtime import (ArgumentParser, RunDir, all_gather_cat, channels_last, check_batch_split, check_finite,
+                     check_run_folder, eval_loader, gather_eval, init_distributed, load_checkpoint, rng_state, run_cli,
+                     save_checkpoint, seed_everything, set_rng_state, sync_batchnorm, train_loader, warn_changed_flags,
+                     write_json)
 from sources import LongTailData, eval_image_folder
 from world import caption_corpus
 
@@ -233,7 +234,7 @@ def randomly_initialised_model(name, **kwargs):
     root = logging.getLogger()
     root.addFilter(expected)
     try:
-        return open_clip.create_model(name, **kwargs)
+        return channels_last(open_clip.create_model(name, **kwargs))
     finally:
         root.removeFilter(expected)
 

@@ -611,7 +611,7 @@ def main(argv=None):
     run_dir = runtime.RunDir(args.out, args, dist, resume=args.resume, identity=data.data_identity(longtail))
 
     runtime.seed_everything(args.seed)
-    raw_model = runtime.sync_batchnorm(build_model(args), dist).to(dist.device)
+    raw_model = runtime.channels_last(runtime.sync_batchnorm(build_model(args), dist).to(dist.device))
     teacher = copy.deepcopy(raw_model)  # starts as the student; BN in train mode (batch statistics) as in DINO
     for p in teacher.parameters():
         p.requires_grad_(False)

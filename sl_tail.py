@@ -340,7 +340,7 @@ def main(argv=None):
 
     runtime.seed_everything(args.seed)
     model = build_model(args, num_classes, image_size, head)
-    model = runtime.sync_batchnorm(model, dist).to(dist.device)
+    model = runtime.channels_last(runtime.sync_batchnorm(model, dist).to(dist.device))
     raw_model = model
     if dist.world_size > 1:
         # the buffers (BatchNorm statistics, a frozen head) stay identical on every rank (synchronised
