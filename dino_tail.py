@@ -126,7 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--transfer", default=None, help="comma-separated tasks. Synthetic world: 'novel' (classes "
                    "not used in pre-training) and 'seen' (the pre-training classes, balanced); default both. "
                    "Real data: torchvision names (cifar10, cifar100, dtd, flowers102, food101, oxford_pets, "
-                   "stanford_cars, fgvc_aircraft, caltech101, sun397, voc2007) under --transfer-root/<name>, "
+                   "stanford_cars, fgvc_aircraft, caltech101, sun397, voc2007; birdsnap: Birdsnap 1.1's release with its "
+                   "downloaded images) under --transfer-root/<name>, "
                    "or folder:PATH (ImageFolders PATH/train, PATH/test, optional PATH/val); 'none' = skip")
     g.add_argument("--transfer-root", default=None, help="folder holding the downstream data sets")
     g.add_argument("--probe-classes", type=int, default=100, help="synthetic 'novel': draw this many ImageNet "

@@ -407,7 +407,7 @@ section_fig10() {
     local bal=() imb=() v
     if [[ $MODE == paper ]]; then
         need LAIONET_TSV TRANSFER_ROOT || return
-        local tasks=${TRANSFER_TASKS:-fgvc_aircraft,caltech101,stanford_cars,cifar10,cifar100,dtd,flowers102,food101,oxford_pets,sun397,voc2007}
+        local tasks=${TRANSFER_TASKS:-fgvc_aircraft,birdsnap,caltech101,stanford_cars,cifar10,cifar100,dtd,flowers102,food101,oxford_pets,sun397,voc2007}
         local probe=(--transfer "$tasks" --transfer-root "$TRANSFER_ROOT")
         imb=(--data tsv --train-file "$LAIONET_TSV" "${probe[@]}")
         if [[ -n ${IMAGENET_TRAIN:-} ]]; then

@@ -611,7 +611,7 @@ def load_cifar100_lt(opts, train_transform, test_transform):
 # Downstream sets transfer_splits reads (torchvision layouts), and each one's linear-probe metric
 # (ssl-transfer's choices, which the paper's Table 2 follows; top-1 where not listed)
 TRANSFER_SETS = ("cifar10", "cifar100", "dtd", "flowers102", "food101", "oxford_pets", "stanford_cars", "fgvc_aircraft",
-                 "caltech101", "sun397", "voc2007")
+                 "caltech101", "sun397", "voc2007", "birdsnap")
 PROBE_METRICS = {"fgvc_aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers102": "mean_per_class",
                  "oxford_pets": "mean_per_class", "voc2007": "map11"}
 
@@ -648,6 +648,8 @@ def check_transfer_folders(tasks, root, warn=True):
                 raise FileNotFoundError(f"--transfer {task}: expected ImageFolders {path}/train and {path}/test")
         elif task in TRANSFER_SETS and not os.path.isdir(os.path.join(root, task)):
             raise FileNotFoundError(f"--transfer {task}: no folder {os.path.join(root, task)}")
+        elif task == "birdsnap":
+            birdsnap_files(os.path.join(root, task))
         elif task in SPLIT_FILES and listed_split_files(task, os.path.join(root, task)):
             transfer_splits(task, root, None)  # reads the split files, checks their images
         elif task in SPLIT_FILES and warn:
@@ -679,6 +681,8 @@ def transfer_splits(name, root, transform):
     if name == "voc2007":
         voc = lambda s: _MultiHotVOC(D.VOCDetection(root=where, year="2007", image_set=s, transform=transform))
         return voc("train"), voc("val"), voc("test")
+    if name == "birdsnap":
+        return birdsnap_splits(where, transform)
     if name in ("caltech101", "sun397"):
         listed = listed_split_files(name, where)
         if listed:  # ssl-transfer's splits, which Table 2 used
@@ -762,6 +766,42 @@ def read_sun397_split(path, classes=None):
     if unknown:
         raise ValueError(f"{path}: classes {unknown[:3]} are not in the training split")
     return [(p, index[name]) for p, name in rows], classes
+
+
+# Birdsnap has no torchvision reader. Its release (1.1) lists image URLs; its get_birdsnap.py fetches them into
+# download/images/<Species>/<file>.jpg, and test_images.txt lists the test images ('Species/file.jpg' after a
+# 'path' header). ssl-transfer, which Table 2 follows, trains on every other downloaded image.
+def birdsnap_files(where):
+    """(image folder, test list) of Birdsnap under `where`, or a FileNotFoundError naming what is missing."""
+    images, listing = os.path.join(where, "download", "images"), os.path.join(where, "test_images.txt")
+    for path, what in ((listing, "file"), (images, "folder")):
+        if not (os.path.isfile if what == "file" else os.path.isdir)(path):
+            raise FileNotFoundError(f"--transfer birdsnap: no {what} {path} (expected Birdsnap 1.1's test_images.txt "
+                                    "and its images fetched by get_birdsnap.py into download/images/<Species>/)")
+    return images, listing
+
+
+def birdsnap_splits(where, transform):
+    """(train, None, test) of Birdsnap as ssl-transfer reads it: the listed images are the test set, every other
+    downloaded image trains. Images are fetched from Flickr, so some listed ones are always missing: they are
+    left out (as ssl-transfer does) and counted in a warning; a list that matches no image is an error."""
+    from torchvision import datasets as D
+
+    images, listing = birdsnap_files(where)
+    listed = [line.lstrip("/") for _, line in _split_lines(listing)]
+    if listed and "/" not in listed[0]:  # the 'path' header
+        listed = listed[1:]
+    full = D.ImageFolder(images, transform)
+    relative = [os.path.relpath(path, images).replace(os.sep, "/") for path, _ in full.samples]
+    in_test = np.isin(relative, listed)
+    found = int(in_test.sum())
+    if found == 0:
+        raise ValueError(f"{listing}: none of its {len(listed)} test images is under {images}")
+    if found < len(set(listed)):
+        warnings.warn(f"--transfer birdsnap: {len(set(listed)) - found} of the {len(set(listed))} listed test images "
+                      f"are not under {images} (never downloaded) and are left out")
+    return (torch.utils.data.Subset(full, np.flatnonzero(~in_test).tolist()), None,
+            torch.utils.data.Subset(full, np.flatnonzero(in_test).tolist()))
 
 
 class _ListedImages(torch.utils.data.Dataset):

@@ -623,6 +623,32 @@ def test_caltech101_split_files_are_followed(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_birdsnap_release_layout_is_read_as_ssl_transfer_does(tmp_path):
+    where = tmp_path / "birdsnap"
+    images = where / "download" / "images"
+    values = {"Acadian_Flycatcher/1.jpg": 10, "Acadian_Flycatcher/2.jpg": 20, "Acadian_Flycatcher/3.jpg": 30,
+              "Zone-tailed_Hawk/7.jpg": 40, "Zone-tailed_Hawk/8.jpg": 50}
+    with pytest.raises(FileNotFoundError, match="no folder .*birdsnap"):
+        sources.check_transfer_folders(["birdsnap"], str(tmp_path))
+    where.mkdir()
+    with pytest.raises(FileNotFoundError, match="no file .*test_images.txt"):  # checked before pre-training
+        sources.check_transfer_folders(["birdsnap"], str(tmp_path))
+    for rel, value in values.items():
+        _jpg(images / rel, value)
+    # the release's header line, a listed image that was never downloaded (left out, with a warning)
+    (where / "test_images.txt").write_text("path\nAcadian_Flycatcher/2.jpg\nZone-tailed_Hawk/8.jpg\n"
+                                           "Zone-tailed_Hawk/9.jpg\n")
+    sources.check_transfer_folders(["birdsnap"], str(tmp_path))
+    with pytest.warns(UserWarning, match="1 of the 3 listed test images are not under"):
+        tr, val, te = sources.transfer_splits("birdsnap", str(tmp_path), _tensor_of)
+    assert val is None and tr.dataset.classes == ["Acadian_Flycatcher", "Zone-tailed_Hawk"]
+    assert sorted((int(x[0, 0, 0]), y) for x, y in tr) == [(10, 0), (30, 0), (40, 1)]
+    assert sorted((int(x[0, 0, 0]), y) for x, y in te) == [(20, 0), (50, 1)]
+    (where / "test_images.txt").write_text("path\nNo_Such_Bird/1.jpg\n")
+    with pytest.raises(ValueError, match="none of its 1 test images is under"):
+        sources.transfer_splits("birdsnap", str(tmp_path), _tensor_of)
+
+
 def test_sun397_official_partition_and_fallback(tmp_path):
     root = tmp_path / "sun397" / "SUN397"
     rels = {"a/abbey/sun_a1.jpg": 10, "a/abbey/sun_a2.jpg": 20, "b/bakery/shop/sun_b1.jpg": 30,

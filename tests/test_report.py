@@ -437,3 +437,10 @@ def test_table2_shows_the_random_backbone(tmp_path):
     text = (tmp_path / "out" / "REPORT.md").read_text()
     # probe tasks novel / seen = score -+ 0.02, in %; then the mean and the utilisation
     assert "| random backbone, no pre-training | `dino_random` | 28.0 | 32.0 | 30.0 | 300 | 900 |" in text
+
+
+def test_table2_columns_are_the_twelve_transfer_sets_dino_tail_reads():
+    import sources
+
+    assert len(report.TABLE2_TASKS) == 12 and sorted(report.TABLE2_TASKS) == sorted(sources.TRANSFER_SETS)
+    assert len(report.TABLE2_COLUMNS) == 13 and all(len(values) == 13 for _, _, values in report.TABLE2_PAPER)
