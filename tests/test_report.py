@@ -51,8 +51,9 @@ SUPPORTED = {
     "sl-frozen_tail1": dict(top1_tail=0.10, top1_other=0.50),
     "sl-frozen-voc_tail1": dict(top1_tail=0.45, top1_other=0.48),
     "clip-frozen_tail0": dict(top1_tail=0.40, top1_other=0.40),
-    "sl_tail0": dict(top1_tail=0.00, top1_other=0.50),
-    "sl-frozen_tail0": dict(top1_tail=0.05, top1_other=0.50),
+    # (tail_cos / other_cos: mean cosine between distinct tail / other prototypes in affinity.npz, Fig. 9a)
+    "sl_tail0": dict(top1_tail=0.00, top1_other=0.50, tail_cos=0.80, other_cos=0.10),
+    "sl-frozen_tail0": dict(top1_tail=0.05, top1_other=0.50, tail_cos=0.20, other_cos=0.15),
     "sl-frozen-voc_tail0": dict(top1_tail=0.35, top1_other=0.48),
     # Fig. 10: DINO (probe mean; final_loss below 0.9 ln K: 0.9 ln 4096 = 7.486, 0.9 ln 1024 = 6.238)
     "dino_random": dict(probe_mean_score=0.30, prototypes=4096),
@@ -76,6 +77,14 @@ def make_run(root, name, values, seed=0, files=True):
         score = values["probe_mean_score"]
         final["probe"] = {"novel": dict(score=score - 0.02), "seen": dict(score=score + 0.02)}
         final["utilisation"] = dict(argmax_winners=300, distinct_prototypes=900, prototypes=values["prototypes"])
+    affinity = {k: final.pop(k) for k in ("tail_cos", "other_cos") if k in final}
+    if affinity:  # an affinity.npz whose distinct tail / other pairs have these mean cosines (cross pairs 0)
+        is_tail = np.isin(np.arange(10), np.arange(5))
+        matrix = np.where(is_tail[:, None] & is_tail[None, :], affinity["tail_cos"],
+                          np.where(~is_tail[:, None] & ~is_tail[None, :], affinity["other_cos"], 0.0))
+        np.fill_diagonal(matrix, 1.0)
+        np.savez(os.path.join(path, "affinity.npz"), classes=np.array(TAIL[:5] + [0, 20, 40, 60, 80]),
+                 is_tail=is_tail, classnames=np.array([f"class {c}" for c in range(10)]), affinity=matrix)
     with open(os.path.join(path, "final.json"), "w") as f:
         json.dump(final, f)
     with open(os.path.join(path, "args.json"), "w") as f:
@@ -94,7 +103,7 @@ def make_run(root, name, values, seed=0, files=True):
     np.savez(os.path.join(path, "eval.npz"), preds=np.zeros(10, np.int64), labels=np.zeros(10, np.int64),
              train_counts=freq, classnames=np.array([f"class {c}" for c in range(C)]), classifier=classifier,
              tail_classes=np.array(TAIL if "tail" in name else [], np.int64))
-    if name.startswith("sl"):
+    if name.startswith("sl") and not affinity:
         sample = TAIL[:5] + [0, 20, 40, 60, 80]
         np.savez(os.path.join(path, "affinity.npz"), classes=np.array(sample), is_tail=np.isin(sample, TAIL),
                  classnames=np.array([f"class {c}" for c in sample]),
@@ -140,6 +149,9 @@ FLIPS = [
     ("claim_dino_subsampling_narrows_gap", "dino_voc2048", dict(probe_mean_score=0.49, prototypes=4096, voc=2048)),
     ("claim_dino_subsampling_narrows_gap", "dino_voc2048", dict(probe_mean_score=0.53, prototypes=4096, voc=2048)),
     ("claim_dino_small_head_worse", "dino_small-head", dict(probe_mean_score=0.60, prototypes=1024)),
+    # the learned tail prototypes no closer than the frozen ones / than the learned other classes
+    ("claim_tail_prototypes_collapse", "sl_tail0", dict(top1_tail=0.0, top1_other=0.5, tail_cos=0.2, other_cos=0.1)),
+    ("claim_tail_prototypes_collapse", "sl_tail0", dict(top1_tail=0.0, top1_other=0.5, tail_cos=0.8, other_cos=0.8)),
 ]
 
 
@@ -299,7 +311,7 @@ def test_frozen_text_helps_shows_and_needs_the_correlation(tmp_path):
 
 
 @pytest.mark.parametrize("run,values,tail", [
-    ("sl_tail0", dict(top1_tail=0.45, top1_other=0.50), "0-shot"),  # SL above CLIP in the zero-shot tail
+    ("sl_tail0", dict(top1_tail=0.45, top1_other=0.50, tail_cos=0.8, other_cos=0.1), "0-shot"),  # SL above CLIP
     ("sl_tail1", dict(top1_tail=0.50, top1_other=0.50), "1-shot"),  # equal: CLIP is not above SL
 ])
 def test_tail_claims_need_clip_to_reach_the_tail(tmp_path, run, values, tail):
@@ -337,17 +349,17 @@ def test_dino_gap_claim_shows_the_share_closed(tmp_path):
 
 def test_premise_not_met_counts_as_not_supported(tmp_path):
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
-    fabricate(runs_dir, {**SUPPORTED, "sl_tail0": dict(top1_tail=0.45, top1_other=0.50)})
+    fabricate(runs_dir, {**SUPPORTED, "sl_tail0": dict(top1_tail=0.45, top1_other=0.50, tail_cos=0.8, other_cos=0.1)})
     decided = report.write_report(str(runs_dir), str(out))
     assert [c["verdict"] for c in decided].count("premise not met") == 2
     assert "premise not met" in claims.VERDICTS and len(claims.VERDICTS) == 4
     text = (out / "REPORT.md").read_text()
-    assert "10 of 12 supported, 2 not supported (2 of them: premise not met), 0 missing runs." in text
+    assert "11 of 13 supported, 2 not supported (2 of them: premise not met), 0 missing runs." in text
     assert "| 9 | Fig. 8/9 |" in text and text.count("**premise not met**") == 4  # claims table + two verdict lines
     proc = subprocess.run([sys.executable, "report.py", "--runs", str(runs_dir), "--out", str(tmp_path / "cli")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "10 of 12 supported, 2 not supported (2 of them: premise not met), 0 missing runs." in proc.stdout
+    assert "11 of 13 supported, 2 not supported (2 of them: premise not met), 0 missing runs." in proc.stdout
 
 
 def test_rule_changes_are_listed_under_the_claims_table(tmp_path):
@@ -444,3 +456,12 @@ def test_table2_columns_are_the_twelve_transfer_sets_dino_tail_reads():
 
     assert len(report.TABLE2_TASKS) == 12 and sorted(report.TABLE2_TASKS) == sorted(sources.TRANSFER_SETS)
     assert len(report.TABLE2_COLUMNS) == 13 and all(len(values) == 13 for _, _, values in report.TABLE2_PAPER)
+
+
+def test_tail_prototype_affinity_against_a_hand_computed_case(tmp_path):
+    """Claim 13 (Fig. 9a): means over the distinct pairs of a hand-made 4 x 4 affinity (2 tail, 2 other)."""
+    affinity = np.array([[1.0, 0.9, 0.1, 0.2], [0.9, 1.0, 0.3, 0.0], [0.1, 0.3, 1.0, -0.4], [0.2, 0.0, -0.4, 1.0]])
+    np.savez(tmp_path / "affinity.npz", affinity=affinity, is_tail=np.array([True, True, False, False]))
+    got = claims.prototype_affinity(dict(dir=str(tmp_path)))
+    assert got == pytest.approx(dict(tail=0.9, other=-0.4))
+    assert claims.prototype_affinity(dict(dir=str(tmp_path / "none"))) is None
