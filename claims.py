@@ -341,8 +341,7 @@ def tail_premise(t):
     return None if None in (t["clip-frozen"], t["sl"]) else greater(t["clip-frozen"], t["sl"])
 
 
-def tail_row(shots, t):
-    met = tail_premise(t)
+def tail_row(shots, t, met):
     return [f"{shots}-shot"] + [fmt(t[k]) for k in TAIL_KEYS] + [{None: MISSING, True: "met", False: "not met"}[met]]
 
 
@@ -351,37 +350,40 @@ def tail_premise_of(premises):
     return False if False in premises else None if None in premises else True
 
 
-def claim_frozen_prototypes_barely_help(runs):
+def decide_in_both_tails(runs, needed, rule):
+    """(rows, verdict) of a Fig. 8/9 rule: rule(t) must hold in the one- and the zero-shot tail (t: the Stats
+    of TAIL_KEYS, the runs `needed` present), and the premise (tail_premise) in both."""
     rows, checks, premises = [], [], []
     for shots in (1, 0):
         t = tail_stats(runs, shots)
-        rows.append(tail_row(shots, t))
         premises.append(tail_premise(t))
-        if None not in (t["clip-frozen"], t["sl"], t["sl-frozen"]):
-            checks.append(t["sl-frozen"].mean - t["sl"].mean < 0.5 * (t["clip-frozen"].mean - t["sl"].mean))
+        rows.append(tail_row(shots, t, premises[-1]))
+        if None not in (t[k] for k in needed):
+            checks.append(rule(t))
     ok = all(checks) if len(checks) == 2 else None
+    return rows, verdict_of(ok, tail_premise_of(premises))
+
+
+def claim_frozen_prototypes_barely_help(runs):
+    rows, verdict = decide_in_both_tails(
+        runs, ("clip-frozen", "sl", "sl-frozen"),
+        lambda t: t["sl-frozen"].mean - t["sl"].mean < 0.5 * (t["clip-frozen"].mean - t["sl"].mean))
     return claim("Fig. 8/9", "With tail classes trimmed to one or zero shots, SL with frozen CLIP prototypes alone "
                  "barely helps the tail.",
                  TAIL_PREMISE + "Rule: in both tails, SL + frozen prototypes closes less than half of the "
-                 "tail-accuracy gap between SL and CLIP (frozen text tower).", TAIL_HEADER, rows,
-                 verdict_of(ok, tail_premise_of(premises)))
+                 "tail-accuracy gap between SL and CLIP (frozen text tower).", TAIL_HEADER, rows, verdict)
 
 
 def claim_voc_clip_like_tail(runs):
-    rows, checks, premises = [], [], []
-    for shots in (1, 0):
-        t = tail_stats(runs, shots)
-        rows.append(tail_row(shots, t))
-        premises.append(tail_premise(t))
-        if None not in (t["clip-frozen"], t["sl-frozen"], t["sl-frozen-voc"]):
-            checks.append(greater(t["sl-frozen-voc"], t["sl-frozen"])
-                          and t["sl-frozen-voc"].mean >= 0.8 * t["clip-frozen"].mean)
-    ok = all(checks) if len(checks) == 2 else None
+    rows, verdict = decide_in_both_tails(
+        runs, ("clip-frozen", "sl-frozen", "sl-frozen-voc"),
+        lambda t: (greater(t["sl-frozen-voc"], t["sl-frozen"])
+                   and t["sl-frozen-voc"].mean >= 0.8 * t["clip-frozen"].mean))
     return claim("Fig. 8/9", "Adding vocabulary subsampling to SL with frozen prototypes gives CLIP-like tail "
                  "accuracy.",
                  TAIL_PREMISE + "Rule: in both tails, SL + frozen prototypes + vocabulary subsampling has a higher "
                  "tail top-1 than SL + frozen prototypes and at least 80% of CLIP's (frozen text tower).",
-                 TAIL_HEADER, rows, verdict_of(ok, tail_premise_of(premises)))
+                 TAIL_HEADER, rows, verdict)
 
 
 def prototype_affinity(run):

@@ -59,7 +59,7 @@ RECIPES = {
                     warmup_epochs=1, prototypes=4096, hidden_dim=512, teacher_momentum=0.99,
                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=2, global_size=32,
                     local_size=32, workers=0, freeze_last_layer=0, crop_interpolation="bilinear",
-                  photometric="none"),
+                    photometric="none"),
 }
 # CLIP's modified ResNet (open_clip): RN50 for the paper recipe, a small one for 32 px images.
 MODELS = {"rn50": dict(layers=[3, 4, 6, 3], width=64, output_dim=1024),
@@ -334,6 +334,11 @@ def photometric_augment(x, params):
     x = torch.where(col(5) > 0, _gray(x).expand_as(x), x)
     x = gaussian_blur(x, params[:, 6])
     x = torch.where((col(7) > 0) & (x >= 0.5), 1 - x, x)
+    return clip_normalise(x)
+
+
+def clip_normalise(x):
+    """Crops [n, 3, s, s] in [0, 1] -> CLIP mean/std normalised (all of --photometric none)."""
     mean = torch.tensor(sources.CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(sources.CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -659,10 +664,11 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
             params = params.to(dist.device)
-            if args.photometric == "none":
-                params = torch.zeros_like(params)  # every operation off: CLIP normalisation only
-            views = [photometric_augment(c.to(dist.device, non_blocking=True), params[:, v])
-                     for v, c in enumerate(crops)]
+            crops = [c.to(dist.device, non_blocking=True) for c in crops]
+            if args.photometric == "none":  # (photometric_augment with every operation off, without its work)
+                views = [clip_normalise(c) for c in crops]
+            else:
+                views = [photometric_augment(c, params[:, v]) for v, c in enumerate(crops)]
             idx = sample_prototypes(args.prototypes, args.voc, prototype_generator(args.seed, epoch, step))
             idx = idx.to(dist.device)
             with torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=args.amp):

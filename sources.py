@@ -774,8 +774,8 @@ def read_sun397_split(path, classes=None):
 def birdsnap_files(where):
     """(image folder, test list) of Birdsnap under `where`, or a FileNotFoundError naming what is missing."""
     images, listing = os.path.join(where, "download", "images"), os.path.join(where, "test_images.txt")
-    for path, what in ((listing, "file"), (images, "folder")):
-        if not (os.path.isfile if what == "file" else os.path.isdir)(path):
+    for path, what, exists in ((listing, "file", os.path.isfile), (images, "folder", os.path.isdir)):
+        if not exists(path):
             raise FileNotFoundError(f"--transfer birdsnap: no {what} {path} (expected Birdsnap 1.1's test_images.txt "
                                     "and its images fetched by get_birdsnap.py into download/images/<Species>/)")
     return images, listing
@@ -791,14 +791,14 @@ def birdsnap_splits(where, transform):
     listed = [line.lstrip("/") for _, line in _split_lines(listing)]
     if listed and "/" not in listed[0]:  # the 'path' header
         listed = listed[1:]
+    listed = set(listed)
     full = D.ImageFolder(images, transform)
-    relative = [os.path.relpath(path, images).replace(os.sep, "/") for path, _ in full.samples]
-    in_test = np.isin(relative, listed)
+    in_test = np.array([os.path.relpath(path, images).replace(os.sep, "/") in listed for path, _ in full.samples])
     found = int(in_test.sum())
     if found == 0:
         raise ValueError(f"{listing}: none of its {len(listed)} test images is under {images}")
-    if found < len(set(listed)):
-        warnings.warn(f"--transfer birdsnap: {len(set(listed)) - found} of the {len(set(listed))} listed test images "
+    if found < len(listed):
+        warnings.warn(f"--transfer birdsnap: {len(listed) - found} of the {len(listed)} listed test images "
                       f"are not under {images} (never downloaded) and are left out")
     return (torch.utils.data.Subset(full, np.flatnonzero(~in_test).tolist()), None,
             torch.utils.data.Subset(full, np.flatnonzero(in_test).tolist()))

@@ -544,6 +544,7 @@ def test_random_backbone_and_no_photometric_augmentation(tmp_path):
     x = torch.rand(4, 3, 32, 32)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (sources.CLIP_MEAN, sources.CLIP_STD))
     torch.testing.assert_close(dino_tail.photometric_augment(x, torch.zeros(4, dino_tail.PHOTO_PARAMS)), (x - mean) / std)
+    torch.testing.assert_close(dino_tail.clip_normalise(x), (x - mean) / std)  # what --photometric none runs
 
 
 @pytest.mark.slow
